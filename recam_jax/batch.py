@@ -1,0 +1,39 @@
+"""The training batch: the one interface between every data source and the train step.
+
+A batch is a dict of arrays, channels-last like every JAX model here:
+
+| key              | shape                              | dtype   | meaning                                      |
+|------------------|------------------------------------|---------|----------------------------------------------|
+| `target_latents` | (batch, frames, height, width, C)  | float32 | VAE latents of the camera to generate        |
+| `source_latents` | (batch, frames, height, width, C)  | float32 | VAE latents of the conditioning camera       |
+| `text_embeds`    | (batch, text_len, text_dim)        | float32 | umT5 output, zeros past `text_lengths`       |
+| `text_lengths`   | (batch,)                           | int32   | real number of text tokens                   |
+| `camera`         | (batch, frames, 12)                | float32 | target pose relative to the source's frame 0 |
+
+`frames`, `height`, `width` are latent sizes (81 video frames -> 21; 480x832 -> 60x104). Sources
+(synthetic, the grain loader) produce host numpy arrays of exactly this spec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CAMERA_DIM = 12  # a 3x4 camera-to-world matrix, flattened row-major
+
+
+def batch_spec(
+    batch_size: int,
+    latent_shape: tuple[int, int, int, int],
+    text_len: int,
+    text_dim: int,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a batch; `latent_shape` is (frames, height, width, channels)."""
+    frames = latent_shape[0]
+    return {
+        "target_latents": jax.ShapeDtypeStruct((batch_size, *latent_shape), jnp.float32),
+        "source_latents": jax.ShapeDtypeStruct((batch_size, *latent_shape), jnp.float32),
+        "text_embeds": jax.ShapeDtypeStruct((batch_size, text_len, text_dim), jnp.float32),
+        "text_lengths": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        "camera": jax.ShapeDtypeStruct((batch_size, frames, CAMERA_DIM), jnp.float32),
+    }

@@ -1,0 +1,39 @@
+"""recam_jax: train ReCamMaster (camera-controlled video re-rendering) in JAX/Flax at pod scale."""
+
+from setuptools import find_packages, setup
+
+TORCH = "torch==2.13.0"  # a CPU build on these machines; an unpinned torch pulls GBs of CUDA wheels
+
+setup(
+    name="recam_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["recam_jax*", "data_pipeline*", "configs*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18",
+        "einops>=0.8",
+        "ml-collections>=1.1",
+        "transformers>=5.0",
+        "safetensors>=0.6",
+        "numpy>=2.0",
+        "ml-dtypes>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "absl-py>=2.0",
+        "google-crc32c>=1.6",
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5",
+        "tensorflow-datasets>=4.9.10",
+    ],
+    extras_require={
+        # Reading and writing PyTorch checkpoints (convert, init_from, export).
+        "torch": [TORCH],
+        # The test suite: parity against diffusers' PyTorch Wan classes on random weights.
+        "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0"],
+    },
+)
