@@ -1,0 +1,151 @@
+"""The Flax DiT is the same function as diffusers' WanTransformer3DModel (+ ReCamMaster's camera math)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from flax import nnx
+
+from recam_jax import convert
+from recam_jax.models.dit import WanDiT, dit_config
+
+HEADS, HEAD_DIM, TEXT_DIM = 2, 24, 20  # head_dim 24 splits into 8/8/8 RoPE parts
+TOLERANCE = 1e-5  # relative L2 error in float32
+
+
+def tiny_diffusers(seed=0, layers=2):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16,
+        out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=72, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64).eval()
+
+
+def numpy_state(module):
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def to_flax(state, **overrides):
+    cfg = convert.infer_config({k: v.shape for k, v in state.items()}, num_heads=HEADS, dtype="float32", **overrides)
+    return convert.import_weights(state, cfg)
+
+
+def random_inputs(seed, frames, height, width, batch=3, text_len=7):
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((batch, frames, height, width, 16)).astype(np.float32)
+    timesteps = np.array([1.0, 417.25, 999.0][:batch], np.float32)
+    text = rng.standard_normal((batch, text_len, TEXT_DIM)).astype(np.float32)
+    return latents, timesteps, text
+
+
+def torch_forward(model, latents, timesteps, text):
+    with torch.no_grad():
+        out = model(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(timesteps),
+                    torch.from_numpy(text), return_dict=False)[0]
+    return out.permute(0, 2, 3, 4, 1).numpy()
+
+
+def relative_error(out, ref):
+    return float(np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("grid", [(3, 6, 10), (2, 8, 4)])
+def test_matches_diffusers_on_random_weights(grid):
+    reference = tiny_diffusers()
+    model = to_flax(numpy_state(reference))
+    latents, timesteps, text = random_inputs(1, *grid)
+    out = model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text))
+    assert relative_error(out, torch_forward(reference, latents, timesteps, text)) <= TOLERANCE
+
+
+def camera_reference(model, cam_encoders, projectors, latents, timesteps, text, camera):
+    """ReCamMaster's block math on top of diffusers, written independently with torch hooks."""
+    b, f2, h, w, _ = latents.shape
+    tokens_per_frame = (h // 2) * (w // 2)
+    camera = torch.from_numpy(camera)
+    handles = []
+    for block, cam_encoder, projector in zip(model.blocks, cam_encoders, projectors):
+        emb = cam_encoder(camera).repeat(1, 2, 1)  # same embedding on target and source halves
+        emb = emb.unsqueeze(2).expand(-1, -1, tokens_per_frame, -1).reshape(b, f2 * tokens_per_frame, -1)
+        handles.append(block.attn1.register_forward_pre_hook(
+            lambda mod, args, emb=emb: (args[0] + emb, *args[1:])))
+        handles.append(block.attn1.register_forward_hook(lambda mod, args, out, p=projector: p(out)))
+    try:
+        return torch_forward(model, latents, timesteps, text)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_camera_path_matches_reference_with_trained_weights():
+    reference = tiny_diffusers(seed=1)
+    dim = HEADS * HEAD_DIM
+    torch.manual_seed(2)
+    cam_encoders = [torch.nn.Linear(12, dim) for _ in reference.blocks]
+    projectors = [torch.nn.Linear(dim, dim) for _ in reference.blocks]
+    state = numpy_state(reference)
+    for i, (enc, proj) in enumerate(zip(cam_encoders, projectors)):
+        state.update({f"blocks.{i}.cam_encoder.{k}": v.detach().numpy() for k, v in enc.state_dict().items()})
+        state.update({f"blocks.{i}.projector.{k}": v.detach().numpy() for k, v in proj.state_dict().items()})
+    model = to_flax(state)
+    latents, timesteps, text = random_inputs(3, 6, 6, 10)  # 3 target + 3 source latent frames
+    camera = np.random.default_rng(4).standard_normal((3, 3, 12)).astype(np.float32)
+    out = model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text), jnp.asarray(camera))
+    with torch.no_grad():
+        ref = camera_reference(reference, cam_encoders, projectors, latents, timesteps, text, camera)
+    assert relative_error(out, ref) <= TOLERANCE
+    assert relative_error(out, torch_forward(reference, latents, timesteps, text)) > 1e-2  # the camera matters
+
+
+def test_camera_modules_at_init_are_a_no_op():
+    reference = tiny_diffusers(seed=5)
+    model = to_flax(numpy_state(reference))  # no camera weights: official init
+    latents, timesteps, text = random_inputs(6, 4, 4, 6)
+    camera = np.random.default_rng(7).standard_normal((3, 2, 12)).astype(np.float32)
+    with_camera = model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text), jnp.asarray(camera))
+    np.testing.assert_allclose(with_camera, model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text)),
+                               rtol=1e-6, atol=1e-6)
+    assert relative_error(with_camera, torch_forward(reference, latents, timesteps, text)) <= TOLERANCE
+
+
+def count_params(variant, **overrides):
+    model = nnx.eval_shape(lambda: WanDiT(dit_config(variant, **overrides), rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_parameter_counts_without_allocation():
+    assert count_params("1.3B", camera=False) == 1_418_996_800
+    dim, layers = 1536, 30
+    assert count_params("1.3B") - count_params("1.3B", camera=False) == layers * (13 * dim + dim * dim + dim)
+    assert count_params("14B", camera=False) == 14_288_491_584
+
+
+def test_rejects_latents_not_divisible_by_patch():
+    model = WanDiT(dit_config("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by the patch"):
+        model(jnp.zeros((1, 2, 5, 6, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_and_bf16_compute_keep_the_function(remat):
+    cfg = dit_config("tiny", dtype="float32")
+    model = WanDiT(cfg, rngs=nnx.Rngs(0))
+    latents = jax.random.normal(jax.random.key(0), (2, 4, 4, 6, 16))
+    args = (latents, jnp.array([3.0, 700.0]), jax.random.normal(jax.random.key(1), (2, 5, 32)),
+            jax.random.normal(jax.random.key(2), (2, 2, 12)))
+
+    def loss(m):
+        return jnp.mean(m(*args) ** 2)
+
+    base_loss, base_grads = nnx.value_and_grad(loss)(model)
+    model.cfg = dataclasses.replace(cfg, remat=remat)
+    remat_loss, remat_grads = nnx.value_and_grad(loss)(model)
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    bf16_model = WanDiT(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))  # same fp32 params
+    assert relative_error(bf16_model(*args), np.asarray(model(*args))) < 3e-2
