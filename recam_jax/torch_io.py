@@ -50,6 +50,8 @@ def numpy_to_tensor(array: np.ndarray):
     """A numpy array as a torch tensor of the same dtype (bfloat16 through ml_dtypes)."""
     torch = _torch()
     array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch tensors must own writable memory
+        array = array.copy()
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
