@@ -207,10 +207,13 @@ def _is_diffusers_dir(path: str) -> bool:
         os.path.join(path, DIFFUSERS_WEIGHTS))
 
 
-def load_pytorch(path: str, num_heads: int | None = None, **overrides) -> WanDiT:
-    """A Flax model from any PyTorch DiT checkpoint (file, sharded index, or diffusers folder)."""
+def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides) -> WanDiT:
+    """A Flax model from any PyTorch DiT checkpoint (file, sharded index, or diffusers folder).
+
+    With `cfg` the checkpoint must match it; without, the size is read off the tensor shapes.
+    """
     state_dict = torch_io.open_state_dict(path)
-    cfg = infer_config(state_dict.shapes, num_heads=num_heads, **overrides)
+    cfg = cfg or infer_config(state_dict.shapes, num_heads=num_heads, **overrides)
     return import_weights(state_dict, cfg, source=path)
 
 
@@ -245,8 +248,8 @@ def save_orbax(model: WanDiT, path: str) -> None:
         json.dump(dataclasses.asdict(model.cfg), f, indent=2)
 
 
-def load_orbax(path: str, **overrides) -> WanDiT:
-    """The model saved by `save_orbax`."""
+def load_orbax(path: str, cfg: DiTConfig | None = None, **overrides) -> WanDiT:
+    """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config)."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -255,7 +258,7 @@ def load_orbax(path: str, **overrides) -> WanDiT:
         raise torch_io.CheckpointError(f"{path}: not a recam_jax params folder (no {DIT_CONFIG_FILE})")
     with open(config_file) as f:
         fields = json.load(f)
-    cfg = DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
+    cfg = cfg or DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
     model = abstract_model(cfg)
     abstract_params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -264,11 +267,11 @@ def load_orbax(path: str, **overrides) -> WanDiT:
     return model
 
 
-def load_any(path: str, num_heads: int | None = None, **overrides) -> WanDiT:
+def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides) -> WanDiT:
     """A model from a PyTorch checkpoint or a recam_jax orbax folder."""
     if _is_torch_path(path):
-        return load_pytorch(path, num_heads=num_heads, **overrides)
-    return load_orbax(path, **overrides)
+        return load_pytorch(path, cfg, num_heads=num_heads, **overrides)
+    return load_orbax(path, cfg, **overrides)
 
 
 def main(argv=None) -> None:

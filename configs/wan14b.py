@@ -1,0 +1,18 @@
+"""ReCamMaster on Wan2.1-T2V-14B at 480×832, 81 frames (21 + 21 latent frames).
+
+    python -m recam_jax.train --config configs/wan14b.py --workdir /path/to/run \
+        --config.init_from=/path/to/Wan2.1-T2V-14B/diffusion_pytorch_model.safetensors.index.json
+
+Hardware: a TPU v5p-64 or larger with FSDP (see docs/scale.md).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.variant = "14B"
+    c.data.batch_size = 32
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c

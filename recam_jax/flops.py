@@ -1,0 +1,57 @@
+"""Analytic FLOPs of a ReCamMaster training step, for TFLOP/s and MFU.
+
+Counted from the model shape, one multiply-add = 2 FLOPs, matmuls and attention only (norms,
+RoPE, softmax and elementwise work are ignored, as is usual for MFU):
+- forward dense: 2 · tokens · (weights of every matmul a token goes through), per block
+  q,k,v,o, projector, cross-attn q,o, FFN, and the head; plus cross-attn k,v and the text MLP
+  over text tokens, and the camera encoder over latent frames;
+- forward attention: self 4 · L² · dim per block (QKᵀ and PV), cross 4 · L · L_text · dim;
+- backward: activation gradients cost the forward dense FLOPs again and twice the attention
+  FLOPs; weight gradients are counted only for trainable matmuls (2 · rows · their weights).
+Rematerialisation recomputes are not counted: this is model FLOPs, the basis of MFU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recam_jax.batch import CAMERA_DIM
+from recam_jax.models.dit import DiTConfig
+
+
+def _per_block_token_weights(cfg: DiTConfig) -> dict[str, int]:
+    """Weights of each per-token matmul in a block, by module name."""
+    d = cfg.dim
+    weights = {"self_attn": 4 * d * d, "cross_attn_q_o": 2 * d * d, "ffn": 2 * d * cfg.ffn_dim}
+    if cfg.camera:
+        weights["projector"] = d * d
+    return weights
+
+
+def train_step_flops(cfg: DiTConfig, latent_shape, text_len: int, trainable: str, batch_size: int = 1) -> float:
+    """Model FLOPs of one training step on `batch_size` examples of [target ‖ source] latents.
+
+    `latent_shape` is (frames, height, width, channels) of ONE half; `trainable` as in the config.
+    """
+    frames, height, width, _ = latent_shape
+    tokens = 2 * frames * height * width // int(np.prod(cfg.patch_size))
+    d, layers = cfg.dim, cfg.num_layers
+    token_weights = _per_block_token_weights(cfg)
+    text_weights = 2 * d * d  # cross-attn k, v
+    camera_weights = CAMERA_DIM * d if cfg.camera else 0
+
+    forward_dense = 2 * layers * (tokens * sum(token_weights.values()) + text_len * text_weights
+                                  + frames * camera_weights)
+    forward_dense += 2 * tokens * (cfg.in_dim * int(np.prod(cfg.patch_size)) * d + d * cfg.out_dim * int(np.prod(cfg.patch_size)))
+    forward_dense += 2 * text_len * (cfg.text_dim * d + d * d)
+    forward_attention = 4 * layers * (tokens * tokens * d + tokens * text_len * d)
+
+    if trainable == "all":
+        weight_grads = forward_dense
+    else:
+        per_block = token_weights.get("projector", 0) * tokens + frames * camera_weights
+        if trainable == "camera+self_attn":
+            per_block += token_weights["self_attn"] * tokens
+        weight_grads = 2 * layers * per_block
+    total = 2 * forward_dense + 3 * forward_attention + weight_grads
+    return float(total * batch_size)

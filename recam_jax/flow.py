@@ -1,0 +1,112 @@
+"""Rectified-flow objective of ReCamMaster: noise the target half, condition on the source half.
+
+Conventions of the official Wan / DiffSynth code: σ ∈ [0, 1], timestep = 1000·σ,
+x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity ε − x0. Training σs come from the same
+shifted 1000-step grid the sampler uses (`shifted_sigmas`), so one `shift` serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    """How training draws noise levels, weights them, and builds the conditioning half."""
+
+    shift: float = 5.0  # Wan's default; used by training and by sampling
+    timestep_sampling: str = "uniform"  # "uniform" over the shifted grid, or "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: str = "none"  # "none" or "bsmntw" (the official Gaussian bump, mean 1 over the grid)
+    condition_noise: tuple[float, float] | None = None  # timestep range for noising the source, e.g. (200, 500)
+    p_t2v: float = 0.0  # probability that every source frame is replaced by noise
+    p_i2v: float = 0.0  # probability that all but the first source frame are replaced by noise
+
+
+def shift_sigma(sigma, shift: float):
+    """Wan's timestep shift s' = shift·s / (1 + (shift − 1)·s): more steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def shifted_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """The shifted σ grid from 1 down to 0 (exclusive), as DiffSynth's FlowMatchScheduler builds it."""
+    return shift_sigma(np.linspace(1.0, 0.0, num_steps + 1)[:-1], shift)
+
+
+def _bump(timesteps, xp=jnp):
+    """The official "bsmntw" Gaussian bump, unnormalised: peaks at timestep 500."""
+    n = NUM_TRAIN_TIMESTEPS
+    return xp.exp(-2.0 * ((timesteps - n / 2) / n) ** 2)
+
+
+def loss_weight(sigma: jax.Array, cfg: FlowConfig) -> jax.Array:
+    """Per-example loss weight. The bump is normalised over the whole shifted 1000-step grid (mean 1
+    there), never over the sampled batch, so the loss scale does not depend on the batch size."""
+    if cfg.loss_weighting == "none":
+        return jnp.ones_like(sigma)
+    grid_bump = _bump(shifted_sigmas(NUM_TRAIN_TIMESTEPS, cfg.shift) * NUM_TRAIN_TIMESTEPS, xp=np)
+    floor, mean = grid_bump.min(), (grid_bump - grid_bump.min()).mean()
+    return (_bump(sigma * NUM_TRAIN_TIMESTEPS) - floor) / mean
+
+
+def sample_sigmas(key: jax.Array, batch: int, cfg: FlowConfig) -> jax.Array:
+    """Training noise levels: a uniform draw from the shifted grid, or a shifted logit-normal."""
+    if cfg.timestep_sampling == "uniform":
+        grid = jnp.asarray(shifted_sigmas(NUM_TRAIN_TIMESTEPS, cfg.shift), jnp.float32)
+        return grid[jax.random.randint(key, (batch,), 0, NUM_TRAIN_TIMESTEPS)]
+    if cfg.timestep_sampling == "logit_normal":
+        sigma = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,)))
+        return shift_sigma(sigma, cfg.shift)
+    raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}")
+
+
+def _per_example(values, like):
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def condition_latents(key: jax.Array, source: jax.Array, cfg: FlowConfig) -> tuple[jax.Array, jax.Array]:
+    """The source half the model sees, and the task drawn per example (0 V2V, 1 I2V, 2 T2V).
+
+    V2V keeps every source frame; I2V replaces all but the first with noise; T2V replaces all.
+    With `condition_noise`, the kept frames are noised at a σ from that timestep range, with noise
+    independent of the target's.
+    """
+    task_key, level_key, noise_key, replace_key = jax.random.split(key, 4)
+    batch, frames = source.shape[:2]
+    u = jax.random.uniform(task_key, (batch,))
+    task = jnp.where(u < cfg.p_t2v, 2, jnp.where(u < cfg.p_t2v + cfg.p_i2v, 1, 0))
+    kept = source
+    if cfg.condition_noise is not None:
+        low, high = (t / NUM_TRAIN_TIMESTEPS for t in cfg.condition_noise)
+        sigma = _per_example(jax.random.uniform(level_key, (batch,), minval=low, maxval=high), source)
+        kept = (1 - sigma) * source + sigma * jax.random.normal(noise_key, source.shape, source.dtype)
+    num_kept = jnp.select([task == 0, task == 1], [frames, 1], 0)
+    keep = (jnp.arange(frames)[None, :] < num_kept[:, None]).reshape(batch, frames, 1, 1, 1)
+    replaced = jax.random.normal(replace_key, source.shape, source.dtype)
+    return jnp.where(keep, kept, replaced), task
+
+
+def flow_loss(apply_fn, key: jax.Array, batch: dict, cfg: FlowConfig) -> tuple[jax.Array, dict]:
+    """Weighted MSE between the predicted and true velocity on the target half, in float32.
+
+    `apply_fn(latents, timesteps, text, camera)` is the DiT on [target ‖ source] latents.
+    """
+    sigma_key, noise_key, cond_key = jax.random.split(key, 3)
+    x0 = batch["target_latents"].astype(jnp.float32)
+    eps = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    sigma = sample_sigmas(sigma_key, x0.shape[0], cfg)
+    noisy = (1 - _per_example(sigma, x0)) * x0 + _per_example(sigma, x0) * eps
+    source, task = condition_latents(cond_key, batch["source_latents"].astype(jnp.float32), cfg)
+    latents = jnp.concatenate([noisy, source], axis=1)
+    prediction = apply_fn(latents, sigma * NUM_TRAIN_TIMESTEPS, batch["text_embeds"], batch["camera"])
+    target_prediction = prediction[:, : x0.shape[1]].astype(jnp.float32)
+    per_example = jnp.mean(jnp.square(target_prediction - (eps - x0)), axis=tuple(range(1, x0.ndim)))
+    loss = jnp.mean(per_example * loss_weight(sigma, cfg))
+    return loss, {"sigma": sigma, "task": task}

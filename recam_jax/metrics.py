@@ -1,0 +1,32 @@
+"""Training metrics to stdout, TensorBoard and a JSON-lines file (one record per logged step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        print(f"step {step:>7d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
+        for name, value in scalars.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        self.jsonl.close()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,49 @@
+"""Which parameters train, and the optimizer that trains them.
+
+The paper fine-tunes the camera encoder, the projector and self-attention (q, k, v, o and its q/k
+norms); the rest of Wan stays frozen. Frozen parameters are split off before differentiation, so
+they get no gradient, no optimizer state and no update.
+"""
+
+from __future__ import annotations
+
+import optax
+from flax import nnx
+
+TRAINABLE_SETS = {
+    "camera": ("cam_encoder", "projector"),
+    "camera+self_attn": ("cam_encoder", "projector", "self_attn"),
+    "all": None,
+}
+
+
+def trainable_filter(trainable: str) -> nnx.filterlib.Filter:
+    """An nnx filter selecting the trainable parameters of a named set."""
+    if trainable not in TRAINABLE_SETS:
+        raise ValueError(f"trainable={trainable!r} is not one of {sorted(TRAINABLE_SETS)}")
+    modules = TRAINABLE_SETS[trainable]
+    if modules is None:
+        return nnx.Param
+    return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(m) for m in modules)))
+
+
+def learning_rate_schedule(cfg) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then constant or cosine decay to `end_learning_rate` at `steps`."""
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.decay_steps, 1),
+                                            alpha=cfg.end_learning_rate / cfg.learning_rate)
+    else:
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not 'constant' or 'cosine'")
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (fp32 moments, whatever the parameter dtype)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mu_dtype="float32"),
+    )

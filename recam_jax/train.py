@@ -1,0 +1,356 @@
+"""The main job: train ReCamMaster.
+
+    python -m recam_jax.train --config configs/base.py --workdir DIR [--config.key=value ...]
+
+Sections in order: mesh → data → abstract state → shardings → step → init or restore → loop.
+The loop is init or restore → for step: batch → step → log → maybe eval → maybe checkpoint, and
+restarting with the same workdir resumes from the latest checkpoint (SIGTERM saves one first).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from recam_jax import checkpoint, convert, flops, flow, optim, sharding
+from recam_jax.batch import batch_spec
+from recam_jax.metrics import MetricWriter
+from recam_jax.models.dit import WanDiT, dit_config
+from recam_jax.synthetic import synthetic_dataset
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+EVAL_BATCHES = 2
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole in every checkpoint."""
+
+    step: jax.Array
+    rng: jax.Array  # raw key data of the run's base key; each step folds in its step number
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+    ema: nnx.State | None
+    skipped_nonfinite: jax.Array
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict):
+    c = config.model
+    return dit_config(c.variant, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, attention=c.attention,
+                      text_dim=config.data.text_dim)
+
+
+def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
+    return flow.FlowConfig(**{**config.flow.to_dict(), "condition_noise": tuple(config.flow.condition_noise)})
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Cross-field checks, in one place, before anything is built."""
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if config.data.batch_size % config.optimizer.grad_accum_steps:
+        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                         f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+    if config.export_ema and not config.optimizer.ema_decay:
+        raise ValueError("export_ema needs optimizer.ema_decay > 0")
+    if config.flow.p_t2v + config.flow.p_i2v > 1:
+        raise ValueError("flow.p_t2v + flow.p_i2v must be at most 1")
+
+
+# --- mesh and shardings ---------------------------------------------------------------------------
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """A data × fsdp × context × tensor mesh over all devices (one axis may be -1: the rest)."""
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    sizes = [jax.device_count() // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != jax.device_count():
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not cover {jax.device_count()} devices")
+    return Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh):
+    """NamedShardings of the train state from the parameters' logical axes (moments follow them)."""
+    with nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        specs = nnx.get_partition_spec(abstract_state)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+def split_model(model: WanDiT, trainable: str):
+    """(graphdef, trainable params, frozen params)."""
+    return nnx.split(model, optim.trainable_filter(trainable), nnx.Param)
+
+
+def new_state(model: WanDiT, config, tx) -> TrainState:
+    """A step-0 train state around a model's parameters."""
+    _, trainable, frozen = split_model(model, config.trainable)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(config.seed)),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=tx.init(trainable),
+        ema=jax.tree.map(jnp.copy, trainable) if config.optimizer.ema_decay else None,
+        skipped_nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+
+def model_from_state(graphdef, state: TrainState, use_ema: bool = False) -> WanDiT:
+    return nnx.merge(graphdef, state.ema if use_ema else state.trainable, state.frozen)
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_steps: int, ema_decay: float,
+               learning_rate) -> tuple[TrainState, dict]:
+    """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient leaves the
+    parameters, moments and EMA unchanged and is counted."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(trainable, micro_batch, micro_key):
+        model = nnx.merge(graphdef, trainable, state.frozen)
+        return flow.flow_loss(model, micro_key, micro_batch, flow_cfg)[0]
+
+    def accumulate(carry, inputs):
+        grad_sum, loss_sum = carry
+        micro_batch, index = inputs
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, micro_batch, jax.random.fold_in(key, index))
+        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+
+    # (batch, ...) → (accum, batch/accum, ...) keeping each device's rows in its own micro-batch shard.
+    micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                    (micro_batches, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = loss / accum_steps
+    grad_norm = optax.global_norm(grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    ema = state.ema
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, trainable)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        trainable=keep(trainable, state.trainable),
+        opt_state=keep(opt_state, state.opt_state),
+        ema=keep(ema, state.ema),
+        skipped_nonfinite=state.skipped_nonfinite + (~finite).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step), "finite": finite}
+    return new_state, metrics
+
+
+def eval_loss(state: TrainState, batch: dict, index: jax.Array, *, graphdef, flow_cfg) -> jax.Array:
+    """Validation loss with noise and timesteps fixed by the eval batch index: comparable across runs."""
+    model = model_from_state(graphdef, state)
+    return flow.flow_loss(model, jax.random.fold_in(jax.random.key(1234), index), batch, flow_cfg)[0]
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def make_dataset(config, *, seed: int, num_examples: int | None = None):
+    """This host's slice of the batches (a checkpointable grain dataset)."""
+    local_batch = config.data.batch_size // jax.process_count()
+    if config.data.source == "synthetic":
+        return synthetic_dataset(
+            num_examples=num_examples or config.data.synthetic_examples, batch_size=local_batch,
+            latent_shape=tuple(config.data.latent_shape), text_len=config.data.text_len,
+            text_dim=config.data.text_dim, seed=seed + jax.process_index())
+    raise ValueError(f"data.source={config.data.source!r}: only 'synthetic' is available so far")
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+    """Assembles each host's numpy batch into one global array per key."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# --- the job --------------------------------------------------------------------------------------
+
+
+class Preemption:
+    """Remembers a SIGTERM so the loop can save and exit cleanly between steps."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
+def build_step(config, mesh: Mesh, graphdef, abstract_state):
+    """The jitted train step with explicit shardings (state donated), and its shardings."""
+    tx = optim.make_optimizer(config.optimizer)
+    shardings = state_shardings(abstract_state, mesh)
+    data_sharding = batch_sharding(mesh)
+    step = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, flow_cfg=flow_config(config),
+        accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
+        learning_rate=optim.learning_rate_schedule(config.optimizer))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
+                     donate_argnums=0)
+    return jitted, shardings, data_sharding
+
+
+def abstract_batch(config, data_sharding):
+    spec = batch_spec(config.data.batch_size, tuple(config.data.latent_shape), config.data.text_len,
+                      config.data.text_dim)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding) for k, v in spec.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Runs (or resumes) training in `workdir` until `config.steps`; returns the final state."""
+    check_config(config)
+    mesh = make_mesh(config)
+    preemption = Preemption()
+    writer = MetricWriter(workdir)
+    data = make_dataset(config, seed=config.seed)
+    data_iterator = iter(data)
+    tx = optim.make_optimizer(config.optimizer)
+
+    # Abstract state first; real arrays are only ever created on their shardings.
+    cfg = model_config(config)
+    random_state = lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(config.seed)), config, tx)
+    abstract_state = jax.eval_shape(random_state)
+    graphdef = split_model(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), config.trainable)[0]
+    step_fn, shardings, data_sharding = build_step(config, mesh, graphdef, abstract_state)
+    compiled = step_fn.lower(abstract_state, abstract_batch(config, data_sharding)).compile()
+    _log_startup(config, abstract_state, compiled)
+
+    manager = checkpoint.make_manager(workdir, every=config.checkpoint_every, keep_last=config.keep_last,
+                                      keep_every=config.keep_every)
+    abstract_on_mesh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, shardings)
+    state = checkpoint.restore_latest(manager, abstract_on_mesh, data_iterator)
+    if state is not None:
+        print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+    elif config.init_from:  # weights on disk: read tensor by tensor on the host, then placed on the mesh
+        state = jax.device_put(new_state(convert.load_any(config.init_from, cfg=cfg), config, tx), shardings)
+    else:
+        state = jax.jit(random_state, out_shardings=shardings)()
+    eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))
+
+    train_flops = flops.train_step_flops(cfg, config.data.latent_shape, config.data.text_len,
+                                         config.trainable, config.data.batch_size)
+    tokens_per_example = 2 * int(np.prod(config.data.latent_shape[:3])) // int(np.prod(cfg.patch_size))
+    start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
+    for step in range(start_step + 1, config.steps + 1):
+        batch = to_global(next(data_iterator), data_sharding)
+        with jax.transfer_guard("disallow"):
+            state, metrics = compiled(state, batch)
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"] and not config.optimizer.skip_nonfinite:
+            manager.wait_until_finished()
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="
+                f"{metrics['grad_norm']}); stopped without saving it: the last checkpoint "
+                f"(step {manager.latest_step()}) in {workdir} is intact")
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
+            seconds = elapsed / (step - last_log)
+            last_log = step
+            writer.write(step, _scalars(metrics, state, seconds, config, train_flops, tokens_per_example))
+        if config.eval_every and step % config.eval_every == 0:
+            writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
+        checkpoint.save(manager, step, state, data_iterator, force=preemption.requested)
+        if config.export_every and step % config.export_every == 0:
+            export(graphdef, state, config, workdir)
+        if preemption.requested:
+            manager.wait_until_finished()
+            print(f"SIGTERM: saved step {step}, exiting", flush=True)
+            sys.exit(0)
+    manager.wait_until_finished()
+    if int(state.step) >= config.steps:
+        export(graphdef, state, config, workdir)
+    writer.close()
+    return state
+
+
+def evaluate(config, eval_fn, state, data_sharding) -> float:
+    """Mean loss over the first EVAL_BATCHES batches of a fixed, held-out synthetic set."""
+    eval_iterator = iter(make_dataset(config, seed=config.seed + 10_000))
+    losses = [eval_fn(state, to_global(next(eval_iterator), data_sharding), i) for i in range(EVAL_BATCHES)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def export(graphdef, state: TrainState, config, workdir: str) -> str:
+    """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference."""
+    path = os.path.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
+    convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path)
+    print(f"exported {path}", flush=True)
+    return path
+
+
+def _scalars(metrics, state, seconds_per_step, config, train_flops, tokens_per_example) -> dict:
+    examples_per_second = config.data.batch_size / seconds_per_step
+    tflops_per_device = train_flops / seconds_per_step / jax.device_count() / 1e12
+    return {
+        "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+        "learning_rate": float(metrics["learning_rate"]), "step_time_s": seconds_per_step,
+        "examples_per_s": examples_per_second, "tokens_per_s": examples_per_second * tokens_per_example,
+        "tflops_per_device": tflops_per_device, "mfu": tflops_per_device / config.peak_tflops_per_device,
+        "skipped_nonfinite": int(state.skipped_nonfinite),
+    }
+
+
+def _log_startup(config, abstract_state, compiled) -> None:
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    print(f"devices {jax.device_count()} ({jax.devices()[0].platform}), processes {jax.process_count()}")
+    print(f"parameters: {count(abstract_state.trainable):,} trainable ({config.trainable}), "
+          f"{count(abstract_state.frozen):,} frozen")
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        print(f"train step memory per device: arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, "
+              f"temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB", flush=True)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard logs, exports.")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
