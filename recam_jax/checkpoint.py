@@ -20,6 +20,7 @@ def make_manager(workdir: str, *, every: int, keep_last: int, keep_every: int) -
         max_to_keep=keep_last,
         keep_period=keep_every or None,
         enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # a save cut short by a crash is removed, never restored
         create=True,
     )
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
