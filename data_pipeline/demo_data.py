@@ -75,6 +75,11 @@ def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: flo
     return np.where(hits_ball[..., None], colours[3], image).astype(np.uint8)
 
 
+def unreal_string(matrix: np.ndarray) -> str:
+    """A 4x4 matrix spelled as MultiCamVideo's JSON spells it: "[a b c d] [e f g h] ... "."""
+    return " ".join("[" + " ".join(f"{x:g}" for x in row) + "]" for row in matrix) + " "
+
+
 def write_video(path: str, frames: np.ndarray) -> None:
     """Frames (F, H, W, 3) uint8 as an H.264 mp4, the way the dataset ships its videos."""
     writer = imageio_ffmpeg.write_frames(path, frames.shape[2:0:-1], fps=15, quality=8, macro_block_size=1)
@@ -89,10 +94,7 @@ def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, w
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     paths = {camera: camera_path(camera, num_frames) for camera in CAMERAS}
-    extrinsics = {
-        f"frame{k}": {f"cam{c:02d}": " ".join("[" + " ".join(f"{x:g}" for x in row) + "]" for row in paths[c][k]) + " " for c in CAMERAS}
-        for k in range(num_frames)
-    }
+    extrinsics = {f"frame{k}": {f"cam{c:02d}": unreal_string(paths[c][k]) for c in CAMERAS} for k in range(num_frames)}
     os.makedirs(os.path.join(scene_dir, "cameras"), exist_ok=True)
     os.makedirs(os.path.join(scene_dir, "videos"), exist_ok=True)
     with open(os.path.join(scene_dir, "cameras", "camera_extrinsics.json"), "w") as f:

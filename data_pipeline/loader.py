@@ -103,7 +103,8 @@ class ExampleLoader:
         where = _where(self.reader, location, camera)
         record = schema.parse_camera(self.reader.read(location.shard, location.first_record + camera), self.reader.shapes, where)
         if (record["scene"], record["camera"]) != (scene_id, camera):
-            raise CorruptRecordError(f"{where}: holds {record['scene']} cam{record['camera']:02d}, expected {scene_id} cam{camera:02d}")
+            found = f"{record['scene']} cam{record['camera']:02d}"
+            raise CorruptRecordError(f"{where}: holds {found}, expected {scene_id} cam{camera:02d}")
         return record
 
     def _text(self, text_embeds: np.ndarray) -> tuple[np.ndarray, int]:
@@ -116,7 +117,8 @@ class ExampleLoader:
     def load(self, scene: int, target: int, source: int) -> dict[str, np.ndarray]:
         """One example; cameras are numbered 1..10."""
         location = self.scenes[scene]
-        text = schema.parse_scene(self.reader.read(location.shard, location.first_record), self.reader.shapes, _where(self.reader, location, 0))
+        text_record = self.reader.read(location.shard, location.first_record)
+        text = schema.parse_scene(text_record, self.reader.shapes, _where(self.reader, location, 0))
         target_record = self._camera(location, text["scene"], target)
         source_record = self._camera(location, text["scene"], source)
         text_embeds, text_length = self._text(text["text_embeds"])

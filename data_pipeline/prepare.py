@@ -94,7 +94,8 @@ class SceneEncoder:
         """Latents (10, frames, h, w, C) of the scene's cameras, in encoder batches."""
         c = self.config
         videos = np.stack([video.read_video(scene.video_path(cam), c.num_frames, c.height, c.width) for cam in CAMERAS])
-        latents = np.concatenate([self.encode_video(videos[i : i + c.encode_batch]) for i in range(0, len(videos), c.encode_batch)])
+        batches = range(0, len(videos), c.encode_batch)
+        latents = np.concatenate([self.encode_video(videos[i : i + c.encode_batch]) for i in batches])
         if latents.shape[1:] != self.shapes.latent_shape:
             raise ValueError(f"video encoder returned {latents.shape[1:]}, expected {self.shapes.latent_shape}")
         return latents
@@ -105,9 +106,8 @@ class SceneEncoder:
         caption, _ = self.caption(scene)
         records = [schema.scene_record(scene.scene_id, caption, self.encode_text(caption))]
         for i, camera in enumerate(CAMERAS):
-            records.append(
-                schema.camera_record(scene.scene_id, camera, latents[i], extrinsics[i], scene.focal_length_mm, multicam.SENSOR_SIZE_MM)
-            )
+            lens = (scene.focal_length_mm, multicam.SENSOR_SIZE_MM)
+            records.append(schema.camera_record(scene.scene_id, camera, latents[i], extrinsics[i], *lens))
         return records
 
 
@@ -159,7 +159,12 @@ def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
     scenes = multicam.find_scenes(os.path.join(config.input_root, "train"))
     plan = shard_plan(split_scenes(scenes, config.num_val_scenes), config.scenes_per_shard)
     encode = SceneEncoder(config, encode_video, encode_text, captions)
-    mine = [(split, k, chunk) for split, chunks in plan.items() for k, chunk in enumerate(chunks) if k % config.process_count == config.process_index]
+    mine = [
+        (split, k, chunk)
+        for split, chunks in plan.items()
+        for k, chunk in enumerate(chunks)
+        if k % config.process_count == config.process_index
+    ]
     with tqdm.tqdm(total=sum(len(chunk) for *_, chunk in mine), unit="scene", desc="prepare") as progress:
         for split, k, chunk in mine:
             name = shards.shard_name(split, k)

@@ -136,8 +136,9 @@ class _Fields:
     def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A bytes feature viewed as `shape`, after checking its size matches (no copy)."""
         raw = self.bytes(key)
-        if len(raw) != int(np.prod(shape)) * dtype.itemsize:
-            raise CorruptRecordError(f"{self.where}: {key!r} has {len(raw)} bytes, shape {shape} needs {int(np.prod(shape)) * dtype.itemsize}")
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if len(raw) != expected:
+            raise CorruptRecordError(f"{self.where}: {key!r} has {len(raw)} bytes, shape {shape} needs {expected}")
         return np.frombuffer(raw, dtype).reshape(shape)
 
     def expect(self, key: str, value: bytes) -> None:
