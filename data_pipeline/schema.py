@@ -1,0 +1,176 @@
+"""The two record kinds of a shard, as serialized tf.train.Example protos, and their checked decoding.
+
+A shard holds whole scenes; each scene is 1 + 10 consecutive records:
+
+  scene record (once per scene)
+    kind            bytes   b"scene"
+    scene           bytes   scene id, e.g. b"f18_aperture10/scene1"
+    caption         bytes   UTF-8 caption that was encoded
+    text_embeds     bytes   bfloat16 little-endian, shape text_shape, real tokens only (no padding)
+    text_shape      int64   [text_length, text_dim], 1 <= text_length <= max_text_len
+
+  camera record (cameras 1..10 in order)
+    kind            bytes   b"camera"
+    scene           bytes   scene id
+    camera          int64   1..10
+    latents         bytes   bfloat16 little-endian, shape latents_shape (frames, h, w, channels)
+    latents_shape   int64   [latent_frames, height / 8, width / 8, channels]
+    extrinsics      bytes   float64 little-endian, shape (video_frames, 4, 4): the Unreal matrices
+                            of the JSON verbatim (see cameras.py for the convention)
+    focal_length_mm float   lens focal length
+    sensor_size_mm  float   sensor width and height
+
+One record per camera (not per scene) because an example uses 2 of the 10 cameras: it reads the
+two camera records and the scene's text record, about 1.0x the bytes it uses (a whole-scene record
+would read 5x). Decoding checks every key, type and shape against the manifest's `Shapes` before
+touching the payload, so a corrupt or hostile record is rejected with its shard and index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+from data_pipeline.tfrecord import CorruptRecordError
+
+LATENT_DTYPE = np.dtype(ml_dtypes.bfloat16).newbyteorder("<")
+TEXT_DTYPE = LATENT_DTYPE
+EXTRINSICS_DTYPE = np.dtype("<f8")
+RECORDS_PER_SCENE = 11  # the scene record, then cameras 1..10
+_PROTO_SLACK_BYTES = 1 << 20  # keys, caption and protobuf framing on top of the arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What every record of a dataset must hold; written to and read from the manifest."""
+
+    latent_shape: tuple[int, int, int, int]  # (frames, height, width, channels)
+    video_frames: int
+    text_dim: int
+    max_text_len: int
+
+    def max_record_bytes(self) -> int:
+        """An upper bound on a record's size: larger length fields are rejected unread."""
+        latents = int(np.prod(self.latent_shape)) * LATENT_DTYPE.itemsize
+        text = self.max_text_len * self.text_dim * TEXT_DTYPE.itemsize
+        return max(latents, text) + self.video_frames * 16 * EXTRINSICS_DTYPE.itemsize + _PROTO_SLACK_BYTES
+
+
+def _set_bytes(example, key: str, value: bytes) -> None:
+    example.features.feature[key].bytes_list.value.append(value)
+
+
+def _set_ints(example, key: str, values) -> None:
+    example.features.feature[key].int64_list.value.extend(int(v) for v in values)
+
+
+def _set_floats(example, key: str, values) -> None:
+    example.features.feature[key].float_list.value.extend(float(v) for v in values)
+
+
+def scene_record(scene_id: str, caption: str, text_embeds: np.ndarray) -> bytes:
+    """A serialized scene record; `text_embeds` (length, text_dim) is stored as bfloat16."""
+    example = tf_example_pb2.Example()
+    _set_bytes(example, "kind", b"scene")
+    _set_bytes(example, "scene", scene_id.encode())
+    _set_bytes(example, "caption", caption.encode())
+    _set_bytes(example, "text_embeds", np.asarray(text_embeds, TEXT_DTYPE).tobytes())
+    _set_ints(example, "text_shape", text_embeds.shape)
+    return example.SerializeToString()
+
+
+def camera_record(
+    scene_id: str, camera: int, latents: np.ndarray, extrinsics: np.ndarray, focal_length_mm: float, sensor_size_mm: float
+) -> bytes:
+    """A serialized camera record; `latents` (frames, h, w, C) is stored as bfloat16."""
+    example = tf_example_pb2.Example()
+    _set_bytes(example, "kind", b"camera")
+    _set_bytes(example, "scene", scene_id.encode())
+    _set_ints(example, "camera", [camera])
+    _set_bytes(example, "latents", np.asarray(latents, LATENT_DTYPE).tobytes())
+    _set_ints(example, "latents_shape", latents.shape)
+    _set_bytes(example, "extrinsics", np.asarray(extrinsics, EXTRINSICS_DTYPE).tobytes())
+    _set_floats(example, "focal_length_mm", [focal_length_mm])
+    _set_floats(example, "sensor_size_mm", [sensor_size_mm, sensor_size_mm])
+    return example.SerializeToString()
+
+
+class _Fields:
+    """Typed access to an Example's features; a missing key or wrong type names the record."""
+
+    def __init__(self, data: bytes, where: str):
+        self.where = where
+        example = tf_example_pb2.Example()
+        try:
+            example.ParseFromString(data)
+        except Exception as e:  # protobuf raises its own DecodeError
+            raise CorruptRecordError(f"{where}: not a tf.train.Example ({e})") from e
+        self._features = example.features.feature
+
+    def _get(self, key: str, kind: str):
+        if key not in self._features or self._features[key].WhichOneof("kind") != kind:
+            raise CorruptRecordError(f"{self.where}: missing key {key!r} (or not a {kind})")
+        return self._features[key]
+
+    def bytes(self, key: str) -> bytes:
+        values = self._get(key, "bytes_list").bytes_list.value
+        if len(values) != 1:
+            raise CorruptRecordError(f"{self.where}: {key!r} holds {len(values)} values, 1 expected")
+        return values[0]
+
+    def ints(self, key: str) -> tuple[int, ...]:
+        return tuple(self._get(key, "int64_list").int64_list.value)
+
+    def int(self, key: str) -> int:
+        values = self.ints(key)
+        if len(values) != 1:
+            raise CorruptRecordError(f"{self.where}: {key!r} holds {len(values)} values, 1 expected")
+        return values[0]
+
+    def floats(self, key: str) -> tuple[float, ...]:
+        return tuple(self._get(key, "float_list").float_list.value)
+
+    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A bytes feature viewed as `shape`, after checking its size matches (no copy)."""
+        raw = self.bytes(key)
+        expected = int(np.prod(shape)) * dtype.itemsize
+        if len(raw) != expected:
+            raise CorruptRecordError(f"{self.where}: {key!r} has {len(raw)} bytes, shape {shape} needs {expected}")
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+    def expect(self, key: str, value: bytes) -> None:
+        if self.bytes(key) != value:
+            raise CorruptRecordError(f"{self.where}: {key!r} is {self.bytes(key)!r}, expected {value!r}")
+
+
+def parse_scene(data: bytes, shapes: Shapes, where: str) -> dict:
+    """A scene record's caption and text embedding (length, text_dim) bfloat16, shapes checked."""
+    fields = _Fields(data, where)
+    fields.expect("kind", b"scene")
+    text_shape = fields.ints("text_shape")
+    if len(text_shape) != 2 or not 1 <= text_shape[0] <= shapes.max_text_len or text_shape[1] != shapes.text_dim:
+        raise CorruptRecordError(f"{where}: text_shape {text_shape} is not (1..{shapes.max_text_len}, {shapes.text_dim})")
+    return {
+        "scene": fields.bytes("scene").decode(),
+        "caption": fields.bytes("caption").decode(),
+        "text_embeds": fields.array("text_embeds", text_shape, TEXT_DTYPE),
+    }
+
+
+def parse_camera(data: bytes, shapes: Shapes, where: str) -> dict:
+    """A camera record's latents (bfloat16), Unreal extrinsics (float64) and lens, shapes checked."""
+    fields = _Fields(data, where)
+    fields.expect("kind", b"camera")
+    if fields.ints("latents_shape") != tuple(shapes.latent_shape):
+        raise CorruptRecordError(f"{where}: latents_shape {fields.ints('latents_shape')} != manifest {shapes.latent_shape}")
+    return {
+        "scene": fields.bytes("scene").decode(),
+        "camera": fields.int("camera"),
+        "latents": fields.array("latents", shapes.latent_shape, LATENT_DTYPE),
+        "extrinsics": fields.array("extrinsics", (shapes.video_frames, 4, 4), EXTRINSICS_DTYPE),
+        "focal_length_mm": fields.floats("focal_length_mm"),
+        "sensor_size_mm": fields.floats("sensor_size_mm"),
+    }

@@ -1,0 +1,69 @@
+"""Where shards live and what describes them: the per-shard index file and the dataset manifest.
+
+    OUT/train-00000.tfrecord        records of whole scenes (schema.py)
+    OUT/train-00000.index.json      written last, after the rename: the shard's scenes, record
+                                    offsets, skipped scenes with reasons, scenes given the default caption
+    OUT/manifest.json               shapes, dtypes, encoder identities, splits and their shards
+
+A shard is complete exactly when its index file exists: the record file is written under a
+temporary name and renamed first, so a killed run never leaves a shard the loader would read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from data_pipeline.schema import Shapes
+
+MANIFEST = "manifest.json"
+FORMAT = "recam_jax.multicam_latents.v1"
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:05d}.tfrecord"
+
+
+def index_path(directory: str, name: str) -> str:
+    return os.path.join(directory, name.removesuffix(".tfrecord") + ".index.json")
+
+
+def write_json_atomically(path: str, value) -> None:
+    """JSON written to a temporary name and renamed, so readers see all of it or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(directory: str, shapes: Shapes, encoders: dict, splits: dict[str, list[str]], settings: dict) -> None:
+    """The manifest of a dataset whose shards (by split) are all complete."""
+    manifest = {
+        "format": FORMAT,
+        "shapes": dataclasses.asdict(shapes),
+        "dtypes": {"latents": "bfloat16", "text_embeds": "bfloat16", "extrinsics": "float64"},
+        "encoders": encoders,
+        "settings": settings,
+        "splits": {},
+    }
+    for split, names in splits.items():
+        indexes = [read_json(index_path(directory, name)) for name in names]
+        manifest["splits"][split] = {
+            "num_scenes": sum(len(index["scenes"]) for index in indexes),
+            "num_skipped": sum(len(index["skipped"]) for index in indexes),
+            "num_default_caption": sum(len(index["default_caption"]) for index in indexes),
+            "shards": [{"file": name, "num_scenes": len(index["scenes"])} for name, index in zip(names, indexes)],
+        }
+    write_json_atomically(os.path.join(directory, MANIFEST), manifest)
+
+
+def read_shapes(manifest: dict) -> Shapes:
+    """The record shapes a manifest promises, as the loader checks them."""
+    shapes = manifest["shapes"]
+    return Shapes(tuple(shapes["latent_shape"]), shapes["video_frames"], shapes["text_dim"], shapes["max_text_len"])

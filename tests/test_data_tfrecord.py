@@ -1,0 +1,91 @@
+"""TFRecord framing: round trip, index rebuild, and corruption named by shard and record."""
+
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from data_pipeline import tfrecord
+from data_pipeline.tfrecord import CorruptRecordError
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture()
+def shard(tmp_path):
+    """A shard of 5 random records of different sizes; returns (path, records, offsets)."""
+    rng = np.random.default_rng(0)
+    records = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 5)]
+    path = str(tmp_path / "train-00000.tfrecord")
+    writer = tfrecord.Writer(path)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return path, records, writer.offsets
+
+
+def _read_all(path, offsets):
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        return [tfrecord.read_record(fd, offsets[i], offsets[i + 1], LIMIT, f"{path} record {i}") for i in range(len(offsets) - 1)]
+
+
+def test_round_trip_and_index_rebuilt_from_the_framing(shard):
+    path, records, offsets = shard
+    assert _read_all(path, offsets) == records
+    assert tfrecord.scan_offsets(path, LIMIT) == offsets
+
+
+def _patch(path, position, data):
+    with open(path, "r+b") as f:
+        f.seek(position)
+        f.write(data)
+
+
+def test_flipped_data_byte_is_a_crc_error_naming_shard_and_record(shard):
+    path, _, offsets = shard
+    with open(path, "rb") as f:
+        f.seek(offsets[3] + 20)
+        byte = f.read(1)
+    _patch(path, offsets[3] + 20, bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptRecordError, match=r"train-00000.tfrecord record 3: data CRC mismatch"):
+        _read_all(path, offsets)
+
+
+def test_truncated_shard_is_named(shard):
+    path, _, offsets = shard
+    with open(path, "r+b") as f:
+        f.truncate(offsets[-1] - 10)
+    with pytest.raises(CorruptRecordError, match=r"train-00000.tfrecord record 4: truncated"):
+        _read_all(path, offsets)
+    with pytest.raises(CorruptRecordError, match=r"record 4: declared length"):
+        tfrecord.scan_offsets(path, LIMIT)
+
+
+def test_hostile_length_field_is_rejected_before_allocating(shard):
+    path, _, offsets = shard
+    length = struct.pack("<Q", 1 << 60)
+    _patch(path, offsets[2], length + struct.pack("<I", tfrecord.masked_crc(length)))  # a consistent header
+    tracemalloc.start()
+    with pytest.raises(CorruptRecordError, match=r"record 2: declared length 1152921504606846976"):
+        tfrecord.scan_offsets(path, LIMIT)
+    with pytest.raises(CorruptRecordError, match=r"record 2: declared length .* disagrees with the index"):
+        _read_all(path, offsets)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < LIMIT
+
+
+def test_corrupt_length_crc_is_named(shard):
+    path, _, offsets = shard
+    _patch(path, offsets[1] + 8, b"\x00\x00\x00\x00")
+    with pytest.raises(CorruptRecordError, match=r"record 1: length CRC mismatch"):
+        tfrecord.scan_offsets(path, LIMIT)
+
+
+def test_oversized_index_span_is_refused_unread(shard):
+    path, _, offsets = shard
+    with open(path, "rb") as f:
+        with pytest.raises(CorruptRecordError, match="exceeds the limit"):
+            tfrecord.read_record(f.fileno(), 0, 1 << 40, LIMIT, f"{path} record 0")
