@@ -25,7 +25,7 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     loss_weighting: str = "none"  # "none" or "bsmntw" (the official Gaussian bump, mean 1 over the grid)
-    condition_noise: tuple[float, float] | None = None  # timestep range for noising the source, e.g. (200, 500)
+    condition_noise: tuple[float, float] = (0.0, 0.0)  # timestep range noising the source; the paper: (200, 500)
     p_t2v: float = 0.0  # probability that every source frame is replaced by noise
     p_i2v: float = 0.0  # probability that all but the first source frame are replaced by noise
 
@@ -56,14 +56,14 @@ def loss_weight(sigma: jax.Array, cfg: FlowConfig) -> jax.Array:
     return (_bump(sigma * NUM_TRAIN_TIMESTEPS) - floor) / mean
 
 
-def sample_sigmas(key: jax.Array, batch: int, cfg: FlowConfig) -> jax.Array:
-    """Training noise levels: a uniform draw from the shifted grid, or a shifted logit-normal."""
+def sample_sigmas(keys: jax.Array, cfg: FlowConfig) -> jax.Array:
+    """One training noise level per key: a uniform draw from the shifted grid, or a shifted logit-normal."""
     if cfg.timestep_sampling == "uniform":
         grid = jnp.asarray(shifted_sigmas(NUM_TRAIN_TIMESTEPS, cfg.shift), jnp.float32)
-        return grid[jax.random.randint(key, (batch,), 0, NUM_TRAIN_TIMESTEPS)]
+        return grid[jax.vmap(lambda k: jax.random.randint(k, (), 0, NUM_TRAIN_TIMESTEPS))(keys)]
     if cfg.timestep_sampling == "logit_normal":
-        sigma = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,)))
-        return shift_sigma(sigma, cfg.shift)
+        normal = jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
+        return shift_sigma(jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * normal), cfg.shift)
     raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}")
 
 
@@ -71,39 +71,47 @@ def _per_example(values, like):
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def condition_latents(key: jax.Array, source: jax.Array, cfg: FlowConfig) -> tuple[jax.Array, jax.Array]:
+def _split_each(keys: jax.Array, num: int) -> list[jax.Array]:
+    """`num` independent key arrays from one key per example."""
+    return list(jax.vmap(lambda k: jax.random.split(k, num), out_axes=1)(keys))
+
+
+def _normal_each(keys: jax.Array, shape) -> jax.Array:
+    """Standard normal noise of `shape` per example, from that example's key."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def condition_latents(keys: jax.Array, source: jax.Array, cfg: FlowConfig) -> tuple[jax.Array, jax.Array]:
     """The source half the model sees, and the task drawn per example (0 V2V, 1 I2V, 2 T2V).
 
     V2V keeps every source frame; I2V replaces all but the first with noise; T2V replaces all.
-    With `condition_noise`, the kept frames are noised at a σ from that timestep range, with noise
-    independent of the target's.
+    The kept frames are noised at a σ drawn from the `condition_noise` timestep range (0, 0 keeps
+    them clean), with noise independent of the target's.
     """
-    task_key, level_key, noise_key, replace_key = jax.random.split(key, 4)
-    batch, frames = source.shape[:2]
-    u = jax.random.uniform(task_key, (batch,))
+    task_keys, level_keys, noise_keys, replace_keys = _split_each(keys, 4)
+    frames = source.shape[1]
+    u = jax.vmap(jax.random.uniform)(task_keys)
     task = jnp.where(u < cfg.p_t2v, 2, jnp.where(u < cfg.p_t2v + cfg.p_i2v, 1, 0))
-    kept = source
-    if cfg.condition_noise is not None:
-        low, high = (t / NUM_TRAIN_TIMESTEPS for t in cfg.condition_noise)
-        sigma = _per_example(jax.random.uniform(level_key, (batch,), minval=low, maxval=high), source)
-        kept = (1 - sigma) * source + sigma * jax.random.normal(noise_key, source.shape, source.dtype)
+    low, high = (t / NUM_TRAIN_TIMESTEPS for t in cfg.condition_noise)
+    sigma = _per_example(jax.vmap(lambda k: jax.random.uniform(k, (), minval=low, maxval=high))(level_keys), source)
+    kept = (1 - sigma) * source + sigma * _normal_each(noise_keys, source.shape[1:])
     num_kept = jnp.select([task == 0, task == 1], [frames, 1], 0)
-    keep = (jnp.arange(frames)[None, :] < num_kept[:, None]).reshape(batch, frames, 1, 1, 1)
-    replaced = jax.random.normal(replace_key, source.shape, source.dtype)
-    return jnp.where(keep, kept, replaced), task
+    keep = (jnp.arange(frames)[None, :] < num_kept[:, None]).reshape(-1, frames, 1, 1, 1)
+    return jnp.where(keep, kept, _normal_each(replace_keys, source.shape[1:])), task
 
 
-def flow_loss(apply_fn, key: jax.Array, batch: dict, cfg: FlowConfig) -> tuple[jax.Array, dict]:
+def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig) -> tuple[jax.Array, dict]:
     """Weighted MSE between the predicted and true velocity on the target half, in float32.
 
-    `apply_fn(latents, timesteps, text, camera)` is the DiT on [target ‖ source] latents.
+    `apply_fn(latents, timesteps, text, camera)` is the DiT on [target ‖ source] latents; `keys`
+    holds one key per example, so an example's noise does not depend on how the batch is split.
     """
-    sigma_key, noise_key, cond_key = jax.random.split(key, 3)
+    sigma_keys, noise_keys, cond_keys = _split_each(keys, 3)
     x0 = batch["target_latents"].astype(jnp.float32)
-    eps = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    sigma = sample_sigmas(sigma_key, x0.shape[0], cfg)
+    eps = _normal_each(noise_keys, x0.shape[1:])
+    sigma = sample_sigmas(sigma_keys, cfg)
     noisy = (1 - _per_example(sigma, x0)) * x0 + _per_example(sigma, x0) * eps
-    source, task = condition_latents(cond_key, batch["source_latents"].astype(jnp.float32), cfg)
+    source, task = condition_latents(cond_keys, batch["source_latents"].astype(jnp.float32), cfg)
     latents = jnp.concatenate([noisy, source], axis=1)
     prediction = apply_fn(latents, sigma * NUM_TRAIN_TIMESTEPS, batch["text_embeds"], batch["camera"])
     target_prediction = prediction[:, : x0.shape[1]].astype(jnp.float32)

@@ -136,21 +136,22 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
     parameters, moments and EMA unchanged and is counted."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def loss_fn(trainable, micro_batch, micro_key):
+    def loss_fn(trainable, micro_batch, example_keys):
         model = nnx.merge(graphdef, trainable, state.frozen)
-        return flow.flow_loss(model, micro_key, micro_batch, flow_cfg)[0]
+        return flow.flow_loss(model, example_keys, micro_batch, flow_cfg)[0]
 
     def accumulate(carry, inputs):
         grad_sum, loss_sum = carry
-        micro_batch, index = inputs
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, micro_batch, jax.random.fold_in(key, index))
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, *inputs)
         return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
 
+    # One key per example: its noise is the same however the batch is split into micro-batches.
+    example_keys = jax.random.split(key, batch["target_latents"].shape[0])
     # (batch, ...) → (accum, batch/accum, ...) keeping each device's rows in its own micro-batch shard.
-    micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+    split = lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
     (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                    (micro_batches, jnp.arange(accum_steps)))
+                                    (jax.tree.map(split, batch), split(example_keys)))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = loss / accum_steps
     grad_norm = optax.global_norm(grads)
@@ -176,7 +177,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
 def eval_loss(state: TrainState, batch: dict, index: jax.Array, *, graphdef, flow_cfg) -> jax.Array:
     """Validation loss with noise and timesteps fixed by the eval batch index: comparable across runs."""
     model = model_from_state(graphdef, state)
-    return flow.flow_loss(model, jax.random.fold_in(jax.random.key(1234), index), batch, flow_cfg)[0]
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(1234), index), batch["target_latents"].shape[0])
+    return flow.flow_loss(model, keys, batch, flow_cfg)[0]
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ def test_recammaster_ckpt_round_trip_is_bit_exact_with_official_keys(tmp_path):
     path = str(tmp_path / "step20000.ckpt")
     convert.save_pytorch(model, path)
     state = torch.load(path, weights_only=True)
-    assert {k: tuple(v.shape) for k, v in state.items()} == diffsynth_recammaster_shapes(32, 64, 32, 32, 2)
-    assert_bit_exact(model, convert.load_pytorch(path, num_heads=2, dtype="float32"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == diffsynth_recammaster_shapes(64, 128, 32, 32, 2)
+    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32"))
 
 
 def test_diffusers_folder_round_trip_is_bit_exact(tmp_path):
@@ -74,17 +74,17 @@ def test_diffusers_folder_round_trip_is_bit_exact(tmp_path):
     path = str(tmp_path / "transformer_diffusers")
     convert.save_pytorch(model, path)
     assert convert.detect_layout(torch_io.open_state_dict(path)) == "diffusers"
-    assert_bit_exact(model, convert.load_pytorch(path, num_heads=2, dtype="float32"))
+    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32"))
 
 
 def test_base_wan_safetensors_gets_camera_modules_at_official_init(tmp_path):
     model = trained_tiny_model()
     path = str(tmp_path / "wan.safetensors")
     convert.save_pytorch(model, path)  # the wan layout has no camera modules
-    restored = convert.load_pytorch(path, num_heads=2, dtype="float32")
+    restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
     for block in restored.blocks:
         np.testing.assert_array_equal(block.cam_encoder.kernel[...], 0)
-        np.testing.assert_array_equal(block.projector.kernel[...], np.eye(32))
+        np.testing.assert_array_equal(block.projector.kernel[...], np.eye(64))
         np.testing.assert_array_equal(block.projector.bias[...], 0)
 
 
@@ -96,7 +96,7 @@ def test_sharded_safetensors_with_index(tmp_path):
         torch_io.save_state_dict({k: state[k] for k in keys}, str(tmp_path / file))
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         f.write('{"weight_map": {%s}}' % ", ".join(f'"{k}": "{file}"' for file, ks in halves.items() for k in ks))
-    restored = convert.load_pytorch(str(tmp_path), num_heads=2, dtype="float32")
+    restored = convert.load_pytorch(str(tmp_path), num_heads=4, dtype="float32")
     flat = params_of(restored)
     np.testing.assert_array_equal(flat[("blocks", 1, "ffn", "fc2", "kernel")], state["blocks.1.ffn.2.weight"].T)
 
@@ -105,7 +105,7 @@ def test_bf16_export(tmp_path):
     path = str(tmp_path / "m.ckpt")
     convert.save_pytorch(trained_tiny_model(), path, dtype="bfloat16")
     assert {v.dtype for v in torch.load(path, weights_only=True).values()} == {torch.bfloat16}
-    restored = convert.load_pytorch(path, num_heads=2, dtype="float32")
+    restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
     assert restored.blocks[0].self_attn.q.kernel[...].dtype == np.float32
 
 
@@ -128,13 +128,13 @@ def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
 
 def test_wrong_shape_and_unexpected_keys_are_listed():
     state = convert.export_weights(trained_tiny_model(), "recammaster")
-    state["blocks.0.ffn.0.weight"] = np.zeros((65, 32), np.float32)
+    state["blocks.0.ffn.0.weight"] = np.zeros((129, 64), np.float32)
     state["blocks.0.extra.weight"] = np.zeros((1,), np.float32)
     with pytest.raises(torch_io.CheckpointError) as err:
         convert.import_weights(state, dit_config("tiny"), source="bad.ckpt")
     message = str(err.value)
     assert "bad.ckpt" in message and "blocks.0.extra.weight" in message
-    assert re.search(r"blocks\.0\.ffn\.0\.weight: expected \(64, 32\), found \(65, 32\)", message)
+    assert re.search(r"blocks\.0\.ffn\.0\.weight: expected \(128, 64\), found \(129, 64\)", message)
 
 
 def test_truncated_safetensors_is_a_clear_error(tmp_path):
@@ -143,7 +143,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
     with pytest.raises(torch_io.CheckpointError, match="wan.safetensors"):
-        convert.load_pytorch(path, num_heads=2)
+        convert.load_pytorch(path, num_heads=4)
     assert not os.path.exists(tmp_path / "out.ckpt")
 
 

@@ -18,7 +18,7 @@ def test_shifted_grid_matches_the_official_formula():
 
 def test_uniform_training_sigmas_come_from_the_shifted_grid():
     cfg = flow.FlowConfig(shift=3.0)
-    drawn = np.asarray(flow.sample_sigmas(jax.random.key(0), 4096, cfg))
+    drawn = np.asarray(flow.sample_sigmas(jax.random.split(jax.random.key(0), 4096), cfg))
     grid = flow.shifted_sigmas(1000, 3.0).astype(np.float32)
     assert np.isin(drawn, grid).all()
     assert len(np.unique(drawn)) > 900  # covers the grid
@@ -26,7 +26,7 @@ def test_uniform_training_sigmas_come_from_the_shifted_grid():
 
 def test_logit_normal_sigmas_are_shifted_and_in_range():
     cfg = flow.FlowConfig(shift=5.0, timestep_sampling="logit_normal")
-    drawn = np.asarray(flow.sample_sigmas(jax.random.key(1), 20000, cfg))
+    drawn = np.asarray(flow.sample_sigmas(jax.random.split(jax.random.key(1), 20000), cfg))
     assert ((drawn > 0) & (drawn < 1)).all()
     assert np.median(drawn) == pytest.approx(5 / 6, abs=0.02)  # the median of sigmoid(N(0,1)) is 0.5
 
@@ -41,6 +41,10 @@ def test_bsmntw_weights_average_one_over_the_whole_grid_and_ignore_the_batch():
     assert float(weights.max()) > 1 > float(weights.min()) >= 0
 
 
+def keys(seed, batch):
+    return jax.random.split(jax.random.key(seed), batch)
+
+
 def batch_of(key, batch=6, frames=4):
     keys = jax.random.split(key, 3)
     return {"target_latents": jax.random.normal(keys[0], (batch, frames, 4, 4, 16)),
@@ -50,20 +54,20 @@ def batch_of(key, batch=6, frames=4):
 
 def test_v2v_keeps_the_source_clean_by_default():
     source = batch_of(jax.random.key(0))["source_latents"]
-    cond, task = flow.condition_latents(jax.random.key(1), source, flow.FlowConfig())
+    cond, task = flow.condition_latents(keys(1, len(source)), source, flow.FlowConfig())
     assert (task == 0).all()
     np.testing.assert_array_equal(cond, source)
 
 
 def test_t2v_and_i2v_replace_the_right_frames_with_noise():
     source = batch_of(jax.random.key(0))["source_latents"]
-    cond, task = flow.condition_latents(jax.random.key(2), source, flow.FlowConfig(p_t2v=1.0))
+    cond, task = flow.condition_latents(keys(2, len(source)), source, flow.FlowConfig(p_t2v=1.0))
     assert (task == 2).all() and not np.isclose(cond, source).any()
-    cond, task = flow.condition_latents(jax.random.key(3), source, flow.FlowConfig(p_i2v=1.0))
+    cond, task = flow.condition_latents(keys(3, len(source)), source, flow.FlowConfig(p_i2v=1.0))
     assert (task == 1).all()
     np.testing.assert_array_equal(cond[:, 0], source[:, 0])
     assert not np.isclose(cond[:, 1:], source[:, 1:]).any()
-    cond, task = flow.condition_latents(jax.random.key(4), jnp.tile(source, (50, 1, 1, 1, 1)),
+    cond, task = flow.condition_latents(keys(4, 300), jnp.tile(source, (50, 1, 1, 1, 1)),
                                         flow.FlowConfig(p_t2v=0.2, p_i2v=0.2))
     fractions = np.bincount(np.asarray(task), minlength=3) / task.size
     np.testing.assert_allclose(fractions, [0.6, 0.2, 0.2], atol=0.07)
@@ -71,7 +75,7 @@ def test_t2v_and_i2v_replace_the_right_frames_with_noise():
 
 def test_condition_noise_level_stays_in_its_range():
     source = batch_of(jax.random.key(0), batch=64)["source_latents"]
-    cond, _ = flow.condition_latents(jax.random.key(5), source, flow.FlowConfig(condition_noise=(200, 500)))
+    cond, _ = flow.condition_latents(keys(5, len(source)), source, flow.FlowConfig(condition_noise=(200, 500)))
     # cond = (1 - s) source + s n with n independent of the source: regress to recover s per example.
     c, x = np.asarray(cond).reshape(64, -1), np.asarray(source).reshape(64, -1)
     one_minus_s = (c * x).sum(1) / (x * x).sum(1)
@@ -90,8 +94,8 @@ def test_model_sees_noisy_target_then_source_and_loss_covers_the_target_half_onl
                                 jnp.full_like(latents[:, frames:], source_half_value)], axis=1)
 
     cfg = flow.FlowConfig()
-    loss, aux = flow.flow_loss(apply_fn, jax.random.key(8), batch, cfg)
-    huge_loss, _ = flow.flow_loss(lambda *a: apply_fn(*a, source_half_value=1e6), jax.random.key(8), batch, cfg)
+    loss, aux = flow.flow_loss(apply_fn, keys(8, 6), batch, cfg)
+    huge_loss, _ = flow.flow_loss(lambda *a: apply_fn(*a, source_half_value=1e6), keys(8, 6), batch, cfg)
     assert float(loss) == float(huge_loss)  # the source half never enters the loss
     latents, sigma = seen["latents"], aux["sigma"]
     np.testing.assert_array_equal(latents[:, 4:], batch["source_latents"])  # clean source, target first

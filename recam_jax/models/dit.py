@@ -54,8 +54,8 @@ class DiTConfig:
 
 
 VARIANTS = {
-    # Prime-ish small sizes catch transposed axes; runs in milliseconds on CPU.
-    "tiny": dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=32),
+    # Runs in milliseconds on CPU; dim ≥ out_dim·prod(patch) = 64 so the head can fit any output.
+    "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
     "small": dict(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=256, freq_dim=64),
     "1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

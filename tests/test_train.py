@@ -1,0 +1,200 @@
+"""The trainer: learning, trainable subsets, checkpoints, exact resume after SIGKILL, NaN handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from recam_jax import checkpoint, convert, optim, train
+from recam_jax.models.dit import WanDiT
+from tests.conftest import REPO
+
+
+def tiny_config(**fields):
+    config = tiny.get_config()
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint_every = 1000
+    for dotted, value in fields.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_overfits_one_fixed_batch():
+    config = tiny_config(**{"optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
+                            "optimizer.learning_rate": 1e-2, "flow.p_t2v": 0.0, "flow.p_i2v": 0.0})
+    mesh = train.make_mesh(config)
+    tx = optim.make_optimizer(config.optimizer)
+    model = WanDiT(train.model_config(config), rngs=nnx.Rngs(0))
+    graphdef = train.split_model(model, config.trainable)[0]
+    state = train.new_state(model, config, tx)
+    step_fn, _, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
+    batch = train.to_global(next(iter(train.make_dataset(config, seed=0))), data_sharding)
+    losses = []
+    for _ in range(80):
+        # Holding the step counter (which seeds noise and timesteps) at 0 fixes the whole input.
+        state, metrics = step_fn(state.replace(step=jnp.zeros_like(state.step)), batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_frozen_parameters_stay_bit_identical_and_only_trainables_have_moments(tmp_path):
+    config = tiny_config(steps=5, trainable="camera+self_attn")
+    final = train.train(config, str(tmp_path))
+    initial = train.new_state(WanDiT(train.model_config(config), rngs=nnx.Rngs(config.seed)), config,
+                              optim.make_optimizer(config.optimizer))
+    assert leaves_equal(final.frozen, initial.frozen)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final.trainable),
+                                                         jax.tree.leaves(initial.trainable))]
+    assert all(changed)
+    trainable_paths = {p for p, _ in final.trainable.flat_state()}
+    assert trainable_paths and all(any(m in p for m in ("cam_encoder", "projector", "self_attn"))
+                                   for p in trainable_paths)
+    adam = final.opt_state[1][0]
+    assert {p for p, _ in adam.mu.flat_state()} == trainable_paths == {p for p, _ in adam.nu.flat_state()}
+    exported = convert.load_pytorch(str(tmp_path / "exports" / "recammaster_step5.ckpt"),
+                                    train.model_config(config))
+    np.testing.assert_array_equal(exported.blocks[0].self_attn.q.kernel[...],
+                                  final.trainable["blocks"][0]["self_attn"]["q"]["kernel"][...])
+
+
+def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
+    config = tiny_config(steps=4, checkpoint_every=4, **{"mesh.data": 1, "mesh.fsdp": -1, "optimizer.ema_decay": 0.9})
+    saved = train.train(config, str(tmp_path))
+    mesh = train.make_mesh(config)
+    assert mesh.shape["fsdp"] == jax.device_count() == 8
+    abstract = jax.eval_shape(lambda: saved)
+    shardings = train.state_shardings(abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    manager = checkpoint.make_manager(str(tmp_path), every=4, keep_last=1, keep_every=0)
+    data_iterator = iter(train.make_dataset(config, seed=config.seed))
+    restored = checkpoint.restore_latest(manager, target, data_iterator)
+    for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
+        assert got.sharding == sharding
+        np.testing.assert_array_equal(got, want)
+    q_kernel = restored.trainable["blocks"][0]["self_attn"]["q"]["kernel"][...]
+    assert q_kernel.sharding.spec[0] == "fsdp"
+    assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.shape == (8, 64)
+    assert leaves_equal(restored.opt_state, saved.opt_state) and leaves_equal(restored.ema, saved.ema)
+    # The data iterator resumes after the 4 batches already consumed.
+    fresh = iter(train.make_dataset(config, seed=config.seed))
+    for _ in range(4):
+        next(fresh)
+    assert leaves_equal(next(data_iterator), next(fresh))
+
+
+def run_trainer(workdir, *overrides, wait=True):
+    command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+               "--config.log_every=1", "--config.eval_every=0", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        output = process.communicate(timeout=300)[0]
+        return process.returncode, output
+    return process
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    steps = "--config.steps=60"
+    code, output = run_trainer(tmp_path / "straight", steps, "--config.checkpoint_every=10")
+    assert code == 0, output
+    process = run_trainer(tmp_path / "killed", steps, "--config.checkpoint_every=10", wait=False)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "10"
+    deadline = time.time() + 240
+    while not first_checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(read_losses(tmp_path / "killed"))
+    assert process.returncode == -signal.SIGKILL and killed_at < 60, "the run ended before it could be killed"
+    code, output = run_trainer(tmp_path / "killed", steps, "--config.checkpoint_every=10")
+    assert code == 0 and "resumed from step" in output, output
+
+    straight, resumed = read_losses(tmp_path / "straight"), read_losses(tmp_path / "killed")
+    assert resumed == {s: straight[s] for s in resumed} and max(resumed) == 60
+    final = {}
+    for run in ("straight", "killed"):
+        final[run] = convert.load_pytorch(str(tmp_path / run / "exports" / "recammaster_step60.ckpt"),
+                                          train.model_config(tiny.get_config()))
+    assert leaves_equal(nnx.state(final["straight"]), nnx.state(final["killed"]))
+
+
+def poison_batch(at):
+    """A map over batches that fills batch number `at` (1-based) with NaN."""
+    count = [0]
+
+    def poison(batch):
+        count[0] += 1
+        if count[0] == at:
+            batch = {**batch, "source_latents": np.full_like(batch["source_latents"], np.nan)}
+        return batch
+
+    return poison
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train.make_dataset
+    monkeypatch.setattr(train, "make_dataset", lambda config, seed: real(config, seed=seed).map(poison_batch(7)))
+    config = tiny_config(steps=10, checkpoint_every=5)
+    with pytest.raises(FloatingPointError, match=r"at step 7 .* last checkpoint \(step 5\)"):
+        train.train(config, str(tmp_path))
+    monkeypatch.setattr(train, "make_dataset", real)
+    manager = checkpoint.make_manager(str(tmp_path), every=5, keep_last=3, keep_every=0)
+    assert manager.latest_step() == 5
+    resumed = train.train(tiny_config(steps=6, checkpoint_every=5), str(tmp_path))
+    assert int(resumed.step) == 6 and all(np.isfinite(x).all() for x in jax.tree.leaves(resumed.trainable))
+
+
+def test_nan_update_is_skipped_and_counted_when_configured(tmp_path, monkeypatch):
+    real = train.make_dataset
+    monkeypatch.setattr(train, "make_dataset", lambda config, seed: real(config, seed=seed).map(poison_batch(3)))
+    state = train.train(tiny_config(steps=5, **{"optimizer.skip_nonfinite": True}), str(tmp_path))
+    assert int(state.skipped_nonfinite) == 1 and int(state.step) == 5
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_unknown_config_override_is_an_error_naming_it(tmp_path):
+    code, output = run_trainer(tmp_path, "--config.optimizer.learnin_rate=1.0")
+    assert code != 0 and "learnin_rate" in output
+
+
+def test_grad_accumulation_equals_the_full_batch_step():
+    config = tiny_config()
+    tx = optim.make_optimizer(config.optimizer)
+    model = WanDiT(train.model_config(config), rngs=nnx.Rngs(0))
+    graphdef = train.split_model(model, config.trainable)[0]
+    state = train.new_state(model, config, tx)
+    batch = next(iter(train.make_dataset(config, seed=0)))
+    results = []
+    for accum in (1, 4):
+        config.optimizer.grad_accum_steps = accum
+        step_fn, _, sharding = train.build_step(config, train.make_mesh(config), graphdef, jax.eval_shape(lambda: state))
+        results.append(step_fn(jax.tree.map(jnp.copy, state), train.to_global(batch, sharding)))
+    (full_state, full), (accum_state, accum) = results
+    np.testing.assert_allclose(accum["loss"], full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(accum["grad_norm"], full["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(accum_state.trainable), jax.tree.leaves(full_state.trainable)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
