@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 WAN21_LATENTS_MEAN = (
@@ -325,6 +326,7 @@ class WanVAE(nnx.Module):
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Video in [-1, 1] from normalised latents."""
+        self._check_latents(latents.shape)
         z = latents * jnp.asarray(self.config.latents_std) + jnp.asarray(self.config.latents_mean)
         return self.decode_raw(z)
 
@@ -346,6 +348,16 @@ class WanVAE(nnx.Module):
         x = run_in_chunks(self.decoder, x, 1) if chunked else self.decoder(x, None)[0]
         return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
+    def encode_tiled(self, video: jax.Array, tile=(32, 32), overlap=(8, 8)) -> jax.Array:
+        """`encode` on overlapping spatial tiles (sizes in latent pixels), blended: bounded memory at high resolution."""
+        self._check_video(video.shape)
+        return blend_tiles(self.encode, video, tile, overlap, self.config.spatial_factor, 1)
+
+    def decode_tiled(self, latents: jax.Array, tile=(32, 32), overlap=(8, 8)) -> jax.Array:
+        """`decode` on overlapping spatial tiles (sizes in latent pixels), blended: bounded memory at high resolution."""
+        self._check_latents(latents.shape)
+        return blend_tiles(self.decode, latents, tile, overlap, 1, self.config.spatial_factor)
+
     def _check_video(self, shape):
         t, s = self.config.temporal_factor, self.config.spatial_factor
         if len(shape) != 5 or shape[-1] != 3 or (shape[1] - 1) % t or shape[2] % s or shape[3] % s:
@@ -356,3 +368,48 @@ class WanVAE(nnx.Module):
         if len(shape) != 5 or shape[-1] != self.config.z_dim:
             raise ValueError(f"WanVAE.decode: latent shape {tuple(shape)} is not "
                              f"(batch, frames, height, width, {self.config.z_dim})")
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of length `tile` covering [0, size), neighbours sharing at least `overlap`."""
+    if size <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile={tile})")
+    count = math.ceil((size - tile) / (tile - overlap)) + 1
+    return [min(i * (tile - overlap), size - tile) for i in range(count)]
+
+
+def _edge_ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
+    """1D blend weight of a tile: rises linearly over `overlap` at each edge shared with a neighbour."""
+    weight = np.ones(length, np.float32)
+    ramp = np.arange(1, overlap + 1, dtype=np.float32) / (overlap + 1)
+    if overlap and not first:
+        weight[:overlap] = ramp
+    if overlap and not last:
+        weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
+    return weight
+
+
+def blend_tiles(fn, x, tile, overlap, in_scale: int, out_scale: int):
+    """`fn` on overlapping spatial tiles of `x` (one compiled `fn`, run tile after tile with `lax.map`),
+    outputs blended by linear ramps in the overlaps. Tile sizes and overlaps are in latent pixels;
+    `in_scale`/`out_scale` are the input/output pixels per latent pixel."""
+    h, w = x.shape[2] // in_scale, x.shape[3] // in_scale
+    th, tw = min(tile[0], h), min(tile[1], w)
+    grid = [(y, x0) for y in tile_starts(h, th, overlap[0]) for x0 in tile_starts(w, tw, overlap[1])]
+
+    def run_tile(start):
+        part = jax.lax.dynamic_slice_in_dim(x, start[0] * in_scale, th * in_scale, axis=2)
+        return fn(jax.lax.dynamic_slice_in_dim(part, start[1] * in_scale, tw * in_scale, axis=3))
+
+    tiles = jax.lax.map(run_tile, jnp.asarray(grid))
+    out = jnp.zeros((*tiles.shape[1:3], h * out_scale, w * out_scale, tiles.shape[-1]), tiles.dtype)
+    total = np.zeros((h * out_scale, w * out_scale), np.float32)
+    for (y, x0), part in zip(grid, tiles):
+        wy = _edge_ramp(th * out_scale, overlap[0] * out_scale, y == 0, y + th == h)
+        wx = _edge_ramp(tw * out_scale, overlap[1] * out_scale, x0 == 0, x0 + tw == w)
+        rows, cols = slice(y * out_scale, (y + th) * out_scale), slice(x0 * out_scale, (x0 + tw) * out_scale)
+        out = out.at[:, :, rows, cols].add(part * np.outer(wy, wx)[..., None])
+        total[rows, cols] += np.outer(wy, wx)
+    return out / total[..., None]
