@@ -1,8 +1,8 @@
 """VAE speed on this machine, and the full-size encode/decode compiled ahead of time for a TPU chip.
 
-    PYTHONPATH=. python benchmarks/vae.py                    # encode/decode frames/s on CPU, small shapes, a table
-    python benchmarks/vae.py --tpu-aot            # Wan2.1 81x480x832 encode and decode for one v5p chip:
-                                                  # per-chip bytes from XLA's memory analysis (needs libtpu)
+    PYTHONPATH=. python benchmarks/vae.py             # encode/decode frames/s on CPU, small shapes, a table
+    PYTHONPATH=. python benchmarks/vae.py --tpu-aot   # Wan2.1 81x480x832 encode and decode for one v5p chip:
+                                                      # per-chip bytes from XLA's memory analysis (needs libtpu)
 """
 
 from __future__ import annotations
