@@ -122,14 +122,14 @@ def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int 
 
 
 def prepare_demo(root: str, output_dir: str, **config) -> None:
-    """Shards of a demo dataset, encoded with the stand-in VAE and a random tiny umT5 (plumbing only)."""
+    """Shards of a demo dataset, encoded with a tiny random Flax Wan VAE and a random tiny umT5."""
     from data_pipeline import prepare, text_encoder, video_encoder
 
     text_dir = os.path.join(root, "tiny_umt5")
     if not os.path.isdir(text_dir):
         write_tiny_umt5(text_dir, WORDS)
     config = prepare.PrepareConfig(root, output_dir, captions=os.path.join(root, "captions.csv"), **config)
-    prepare.prepare(config, video_encoder.PatchProjectionStandIn(), text_encoder.TextEncoder(text_dir))
+    prepare.prepare(config, video_encoder.make_video_encoder("demo"), text_encoder.TextEncoder(text_dir))
 
 
 def main() -> None:
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=48)
     parser.add_argument("--width", type=int, default=80)
-    parser.add_argument("--prepare_to", help="also encode it into shards here (stand-in VAE, tiny umT5)")
+    parser.add_argument("--prepare_to", help="also encode it into shards here (tiny random VAE and umT5)")
     args = parser.parse_args()
     print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width))
     write_tiny_umt5(os.path.join(args.out, "tiny_umt5"), WORDS)  # a random text encoder to prepare with

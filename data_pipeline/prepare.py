@@ -2,7 +2,7 @@
 
     python -m data_pipeline.prepare --input_root=/data/MultiCamVideo-Dataset \
         --output_dir=/data/recam_shards --captions=/data/captions.csv \
-        --text_encoder_dir=/models/umt5-xxl --video_encoder=stand_in \
+        --text_encoder_dir=/models/umt5-xxl --video_encoder=wan2.1 --vae_path=/models/Wan2.1_VAE.pth \
         [--process_index=0 --process_count=1]
 
 Every scene is validated and encoded alone: a broken scene is skipped with its reason (written to
@@ -184,7 +184,8 @@ def main(argv) -> None:
 
     values = {field.name: getattr(flags.FLAGS, field.name) for field in dataclasses.fields(PrepareConfig)}
     config = PrepareConfig(**values)
-    encode_video = video_encoder.make_video_encoder(flags.FLAGS.video_encoder)
+    encode_video = video_encoder.make_video_encoder(flags.FLAGS.video_encoder, flags.FLAGS.vae_path,
+                                                    flags.FLAGS.vae_dtype)
     encode_text = TextEncoder(flags.FLAGS.text_encoder_dir, flags.FLAGS.max_text_len)
     complete = prepare(config, encode_video, encode_text)
     print(f"{config.output_dir}: {'complete, manifest written' if complete else 'waiting for other processes'}")
@@ -198,7 +199,9 @@ def _define_flags() -> None:
         default = None if field.default is dataclasses.MISSING else field.default
         define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer}.get(type(default), flags.DEFINE_string)
         define(field.name, default, f"PrepareConfig.{field.name}", required=field.default is dataclasses.MISSING)
-    flags.DEFINE_string("video_encoder", "stand_in", "'stand_in' (plumbing stand-in) until the Flax Wan VAE is wired in")
+    flags.DEFINE_string("video_encoder", "wan2.1", "VAE config: 'wan2.1' (needs --vae_path) or 'demo' (random weights)")
+    flags.DEFINE_string("vae_path", None, "Wan2.1_VAE.pth or a diffusers AutoencoderKLWan file/folder")
+    flags.DEFINE_string("vae_dtype", "float32", "VAE compute dtype (bfloat16 is faster on accelerators)")
     flags.DEFINE_string("text_encoder_dir", None, "local umT5 encoder + tokenizer directory", required=True)
     flags.DEFINE_integer("max_text_len", 512, "caption tokens kept (Wan: 512)")
 

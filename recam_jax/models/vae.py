@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recam_jax.sharding import param_axes
+
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -74,20 +76,18 @@ VAE_CONFIGS = {
     # For tests and the compile tool: the tiny diffusers model of TOOLCHAIN.md, non-trivial statistics.
     "tiny": VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                       latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(0.5, 1.5, 2.0, 0.8)),
+    # The README demo's encoder: tiny and fast on CPU, with the DiT's 16 latent channels (random weights).
+    "demo": VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                      latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
-
-
-def _axes(*names):
-    """Variable metadata naming each parameter axis, for sharding rules applied later."""
-    return {"out_sharding": names, "eager_sharding": False}
 
 
 def _conv(in_ch, out_ch, kernel, *, rngs, dtype, strides=1, padding="VALID") -> nnx.Conv:
     """A convolution whose kernel (*window, in, out) carries logical axis names."""
     return nnx.Conv(
         in_ch, out_ch, kernel, strides=strides, padding=padding, dtype=dtype, rngs=rngs,
-        kernel_metadata=_axes(*(None,) * len(kernel), "conv_in", "conv_out"),
-        bias_metadata=_axes("conv_out"),
+        kernel_metadata=param_axes(*(None,) * len(kernel), "conv_in", "conv_out"),
+        bias_metadata=param_axes("conv_out"),
     )
 
 
@@ -108,7 +108,7 @@ class CausalConv3d(nnx.Conv):
         space_pad = [(k // 2, k // 2) for k in kernel[1:]]
         super().__init__(
             in_ch, out_ch, kernel, padding=[(0, 0), *space_pad], dtype=dtype, rngs=rngs,
-            kernel_metadata=_axes(None, None, None, "conv_in", "conv_out"), bias_metadata=_axes("conv_out"),
+            kernel_metadata=param_axes(None, None, None, "conv_in", "conv_out"), bias_metadata=param_axes("conv_out"),
         )
         self.past = kernel[0] - 1
 
@@ -125,7 +125,7 @@ class RMSNorm(nnx.Module):
     """Wan's channel norm: x / ||x|| * sqrt(C) * gamma over the channel axis, in float32."""
 
     def __init__(self, dim):
-        self.gamma = nnx.Param(jnp.ones((dim,), jnp.float32), **_axes("conv_out"))
+        self.gamma = nnx.Param(jnp.ones((dim,), jnp.float32), **param_axes("conv_out"))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
