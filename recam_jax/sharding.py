@@ -67,8 +67,16 @@ def param_axes(*names: str | None) -> dict:
     return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+def check_known(names, rules: LogicalRules) -> None:
+    """Raises for logical names missing from the rules (flax would silently use them as mesh axes)."""
+    missing = {n for n in names if n is not None} - {logical for logical, _ in rules}
+    if missing:
+        raise ValueError(f"logical axis names {sorted(missing)} are not in the rules table")
+
+
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
     """The mesh PartitionSpec of logical axis names under the active rules."""
+    check_known(names, spmd.get_logical_axis_rules())
     return spmd.get_pspec(PartitionSpec(*names))
 
 
@@ -108,7 +116,9 @@ def make_mesh(sizes: Mapping[str, int], dcn_sizes: Mapping[str, int] | None = No
     if dcn_sizes:
         dcn_shape = _fill_sizes(dcn_sizes, math.prod(dcn_sizes.values()))
         ici_shape = _fill_sizes(sizes, len(devices) // math.prod(dcn_shape))
-        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+        # TPU slices are the DCN granules; elsewhere (GPU nodes) each process is one.
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
     else:
         grid = mesh_utils.create_device_mesh(_fill_sizes(sizes, len(devices)), devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -138,6 +148,7 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
 
 def param_specs(abstract_state, rules: LogicalRules = DEFAULT_RULES):
     """PartitionSpec tree of a (abstract) nnx state from each Variable's logical `out_sharding`."""
+    check_known(logical_names(abstract_state), rules)
     with nnx.logical_axis_rules(rules):
         return nnx.get_partition_spec(abstract_state)
 
