@@ -41,6 +41,16 @@ def relative_errors(got, ref):
     ({"data": 2, "fsdp": 2, "context": 2}, "ulysses", 16, "all-to-all"),
 ])
 def test_context_parallel_self_attention_matches_reference(sizes, backend, length, collective):
+    assert_self_attention_matches_reference(sizes, backend, length, collective)
+
+
+def test_ring_attention_in_several_chunks_per_block(monkeypatch):
+    monkeypatch.setattr(attn, "RING_CHUNK", 2)  # 13 tokens on 2 shards: 8-token blocks of 4 chunks, 3 padded
+    assert_self_attention_matches_reference({"context": 2, "fsdp": 4}, "ring", 13, "collective-permute")
+
+
+def assert_self_attention_matches_reference(sizes, backend, length, collective):
+    """Forward and q/k/v gradients on the mesh equal one device's xla; `collective` is in the HLO."""
     q, k, v = qkv(4, length, length, heads=8)
     reference = loss_and_grads("xla")(q, k, v)
     with jax.set_mesh(sharding.make_mesh(sizes)), nnx.logical_axis_rules(sharding.DEFAULT_RULES):

@@ -26,6 +26,7 @@ TEXT_KV_AXES = ("act_batch", "act_kv_length", "act_heads", "act_kv")
 WHOLE_SEQUENCE_AXES = ("act_batch", None, "act_heads", "act_kv")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block gives no NaN
 SPLASH_BLOCK = 512  # splash tile along both sequences (a multiple of 128)
+RING_CHUNK = 512  # keys per logits tile of ring attention
 
 
 # Per-device kernels: (q, k, v, kv_len) → out; q (batch, q_len, heads, head_dim), k and v
@@ -112,52 +113,74 @@ def _shift(axis, *blocks):
     return [jax.lax.ppermute(b, axis, [(j, (j + 1) % n) for j in range(n)]) for b in blocks]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def ring_shard(q, k, v, kv_len, axis):
-    """Ring attention of this device's query block against every K/V block (flash-style memory)."""
-    return _ring_fwd(q, k, v, kv_len, axis)[0]
+def _chunk(x, index, size):
+    """Tokens [index·size, (index+1)·size) of x (batch, length, ...)."""
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
 
 
-def _ring_fwd(q, k, v, kv_len, axis):
-    """Online softmax over the K/V blocks as they come round; saves only q, k, v, out and the LSE."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def ring_shard(q, k, v, kv_len, axis, chunk):
+    """Ring attention of this device's query block against every K/V block, `chunk` keys at a time.
+
+    Memory per device: the local q, k, v plus one (local queries × chunk) logits tile.
+    """
+    return _ring_fwd(q, k, v, kv_len, axis, chunk)[0]
+
+
+def _ring_fwd(q, k, v, kv_len, axis, chunk):
+    """Online softmax over the K/V chunks as they come round; saves only q, k, v, out and the LSE."""
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
+
+    def add_chunk(c, carry, k_blk, v_blk, kv_start):
+        out, row_max, row_sum = carry
+        logits = _logits(q, _chunk(k_blk, c, chunk), kv_start + c * chunk, kv_len)
+        new_max = jnp.maximum(row_max, logits.max(-1))
+        probs = jnp.exp(logits - new_max[..., None])
+        correction = jnp.exp(row_max - new_max)
+        out = out * correction[..., None] + jnp.einsum(
+            "bhqk,bkhd->bhqd", probs.astype(v.dtype), _chunk(v_blk, c, chunk), preferred_element_type=jnp.float32)
+        return out, new_max, row_sum * correction + probs.sum(-1)
+
     b, q_len, h, d = q.shape
-    out = jnp.zeros((b, h, q_len, d), jnp.float32)
-    row_max = jnp.full((b, h, q_len), -jnp.inf, jnp.float32)
-    row_sum = jnp.zeros((b, h, q_len), jnp.float32)
+    carry = (jnp.zeros((b, h, q_len, d), jnp.float32), jnp.full((b, h, q_len), -jnp.inf, jnp.float32),
+             jnp.zeros((b, h, q_len), jnp.float32))
     k_blk, v_blk = k, v
     for step in range(n):
         if step:
             k_blk, v_blk = _shift(axis, k_blk, v_blk)
-        logits = _logits(q, k_blk, ((me - step) % n) * block, kv_len)
-        new_max = jnp.maximum(row_max, logits.max(-1))
-        probs = jnp.exp(logits - new_max[..., None])
-        correction = jnp.exp(row_max - new_max)
-        row_sum = row_sum * correction + probs.sum(-1)
-        out = out * correction[..., None] + jnp.einsum(
-            "bhqk,bkhd->bhqd", probs.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
-        row_max = new_max
+        body = functools.partial(add_chunk, k_blk=k_blk, v_blk=v_blk, kv_start=((me - step) % n) * block)
+        carry = jax.lax.fori_loop(0, block // chunk, body, carry)
+    out, row_max, row_sum = carry
     out = (out / row_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
     return out, (q, k, v, out, row_max + jnp.log(row_sum))
 
 
-def _ring_bwd(kv_len, axis, residuals, d_out):
+def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
     """Flash-attention backward on the ring: dK/dV accumulators travel with their K/V block."""
     q, k, v, out, lse = residuals
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
     d_out = d_out.astype(jnp.float32)
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out.astype(jnp.float32))
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    k_blk, v_blk, dk, dv = k, v, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+
+    def add_chunk(c, carry, k_blk, v_blk, kv_start):
+        dq, dk, dv = carry
+        k_c, v_c = _chunk(k_blk, c, chunk), _chunk(v_blk, c, chunk)
+        probs = jnp.exp(_logits(q, k_c, kv_start + c * chunk, kv_len) - lse[..., None])
+        d_logits = probs * (f32("bqhd,bkhd->bhqk", d_out, v_c) - delta[..., None]) * q.shape[-1] ** -0.5
+        dk = jax.lax.dynamic_update_slice_in_dim(
+            dk, _chunk(dk, c, chunk) + f32("bhqk,bqhd->bkhd", d_logits, q), c * chunk, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(
+            dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
+        return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
+
+    dq, dk, dv = (jnp.zeros(t.shape, jnp.float32) for t in (q, k, v))
+    k_blk, v_blk = k, v
     for step in range(n):
         if step:
             k_blk, v_blk, dk, dv = _shift(axis, k_blk, v_blk, dk, dv)
-        probs = jnp.exp(_logits(q, k_blk, ((me - step) % n) * block, kv_len) - lse[..., None])
-        dv = dv + f32("bhqk,bqhd->bkhd", probs, d_out)
-        d_logits = probs * (f32("bqhd,bkhd->bhqk", d_out, v_blk) - delta[..., None]) * q.shape[-1] ** -0.5
-        dq = dq + f32("bhqk,bkhd->bqhd", d_logits, k_blk)
-        dk = dk + f32("bhqk,bqhd->bkhd", d_logits, q)
+        body = functools.partial(add_chunk, k_blk=k_blk, v_blk=v_blk, kv_start=((me - step) % n) * block)
+        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, dk, dv))
     dk, dv = _shift(axis, dk, dv)  # one more hop brings each block's gradient home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -172,13 +195,16 @@ def _sharded(fn, q, k, v, q_axes, kv_axes):
 
 
 def _context_parallel(scheme, kernel, q, k, v, axis: str):
-    """Pads the sequence to a multiple of the context shards and runs `scheme` on each device's shard."""
-    length = q.shape[1]
-    padded = _round_up(length, jax.sharding.get_abstract_mesh().shape[axis])
-    kv_len = None if padded == length else length
+    """Pads the sequence to whole shards (and ring chunks) and runs `scheme` on each device's shard."""
+    length, shards = q.shape[1], jax.sharding.get_abstract_mesh().shape[axis]
     if scheme == "ring":
-        shard_fn = lambda q, k, v: ring_shard(q, k, v, kv_len, axis)
+        chunk = min(RING_CHUNK, -(-length // shards))
+        padded = _round_up(length, shards * chunk)
+        kv_len = None if padded == length else length
+        shard_fn = lambda q, k, v: ring_shard(q, k, v, kv_len, axis, chunk)
     else:
+        padded = _round_up(length, shards)
+        kv_len = None if padded == length else length
         shard_fn = lambda q, k, v: ulysses_shard(q, k, v, kv_len, axis, kernel)
     q, k, v = (_pad_length(t, padded) for t in (q, k, v))
     return _sharded(shard_fn, q, k, v, QKV_AXES, QKV_AXES)[:, :length]
