@@ -197,14 +197,12 @@ def _sharded(fn, q, k, v, q_axes, kv_axes):
 def _context_parallel(scheme, kernel, q, k, v, axis: str):
     """Pads the sequence to whole shards (and ring chunks) and runs `scheme` on each device's shard."""
     length, shards = q.shape[1], jax.sharding.get_abstract_mesh().shape[axis]
+    chunk = min(RING_CHUNK, -(-length // shards))
+    padded = _round_up(length, shards * chunk if scheme == "ring" else shards)
+    kv_len = None if padded == length else length
     if scheme == "ring":
-        chunk = min(RING_CHUNK, -(-length // shards))
-        padded = _round_up(length, shards * chunk)
-        kv_len = None if padded == length else length
         shard_fn = lambda q, k, v: ring_shard(q, k, v, kv_len, axis, chunk)
     else:
-        padded = _round_up(length, shards)
-        kv_len = None if padded == length else length
         shard_fn = lambda q, k, v: ulysses_shard(q, k, v, kv_len, axis, kernel)
     q, k, v = (_pad_length(t, padded) for t in (q, k, v))
     return _sharded(shard_fn, q, k, v, QKV_AXES, QKV_AXES)[:, :length]
