@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -100,6 +101,16 @@ def test_guard_passes_default_rules_and_rejects_replicated_params():
     replicated = sharding.param_shardings(state, mesh, sharding.rules_for("replicated"))
     with pytest.raises(ValueError, match=r"100\.0% of parameter elements are unsharded.*ffn"):
         sharding.check_sufficiently_sharded(state, replicated)
+
+
+def test_optimizer_state_is_sharded_like_its_parameters():
+    def make():
+        model = WanDiT(dit_config("tiny", dim=64, num_heads=8), rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(make)
+    moments = nnx.state(optimizer)["opt_state"][0]
+    assert spec_dump(moments["mu"]) == spec_dump(moments["nu"]) == spec_dump(nnx.state(model, nnx.Param))
 
 
 def test_global_batch_shards_the_leading_axis_over_data_and_fsdp():
