@@ -91,21 +91,26 @@ def test_splash_matches_reference_in_interpret_mode(q_len, kv_len, cross, monkey
     assert max(relative_errors(got, loss_and_grads("xla", cross)(q, k, v))) <= TOLERANCE
 
 
-def tpu_topology(name):
+def tpu_topology(name, num_slices=1):
     """A TPU topology description for AOT compilation, or a skip when libtpu is unavailable."""
     from jax.experimental import topologies
     # Compiling touches no chip: do not wait on the one-process libtpu lock another job may hold.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name)
+        return topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=num_slices)
     except Exception as error:  # libtpu missing or unable to describe the topology
         pytest.skip(f"cannot describe TPU topology {name} (is libtpu installed?): {error}")
 
 
-def test_tiny_dit_with_splash_compiles_for_a_tpu_topology():
+@pytest.mark.parametrize("attention, sizes, expected", [
+    ("splash", {"fsdp": 2, "tensor": 2}, ["splash"]),  # the Pallas kernel, not an XLA fallback
+    ("ulysses_splash", {"context": 2, "fsdp": 2}, ["splash", "all-to-all"]),
+    ("ring", {"context": 4}, ["collective-permute"]),
+])
+def test_tiny_dit_forward_backward_compiles_for_a_tpu_topology(attention, sizes, expected):
     topology = tpu_topology("v5p:2x2x1")
-    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=topology.devices)
-    model = nnx.eval_shape(lambda: WanDiT(dit_config("tiny", dim=256, num_heads=2, attention="splash"),
+    mesh = sharding.make_mesh(sizes, devices=topology.devices)
+    model = nnx.eval_shape(lambda: WanDiT(dit_config("tiny", dim=256, num_heads=2, attention=attention),
                                           rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(model)
     batch = (jax.ShapeDtypeStruct((4, 4, 16, 16, 16), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32),
@@ -121,7 +126,7 @@ def test_tiny_dit_with_splash_compiles_for_a_tpu_topology():
         batch_sharding = sharding.batch_sharding(mesh)
         batch = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding) for x in batch]
         compiled = jax.jit(grads).lower(state, *batch).compile()
-    assert "splash" in compiled.as_text()  # the Pallas kernel, not an XLA fallback
+    assert all(op in compiled.as_text() for op in expected)
     memory = compiled.memory_analysis()
     print(f"per-chip bytes: arguments {memory.argument_size_in_bytes}, outputs {memory.output_size_in_bytes}, "
           f"temporaries {memory.temp_size_in_bytes}")

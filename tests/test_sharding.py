@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 
 from recam_jax import sharding
 from recam_jax.models.dit import WanDiT, dit_config
+from tests.test_attention import tpu_topology
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dit_1.3B_param_specs.json")
 TOLERANCE = 1e-5  # relative L2 error in float32
@@ -57,6 +58,14 @@ def test_make_mesh_rejects_bad_sizes(sizes, message):
 def test_make_mesh_with_dcn_sizes_is_per_slice_times_slices():
     mesh = sharding.make_mesh({"fsdp": -1, "context": 2}, dcn_sizes={"data": 1})  # one CPU "slice"
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 2, "tensor": 1}
+
+
+def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
+    devices = tpu_topology("v5p:2x2x1", num_slices=2).devices
+    mesh = sharding.make_mesh({"fsdp": -1}, dcn_sizes={"data": 2}, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices).reshape(2, 4)
+    np.testing.assert_array_equal(slices, [[0] * 4, [1] * 4])
 
 
 @pytest.mark.parametrize("env, multi_host", [
