@@ -1,33 +1,62 @@
-"""Logical axis names → mesh axes.
+"""Device mesh, logical axis names → mesh axes, and the shardings of parameters and batches.
 
 Model code speaks only logical names. Parameters: `embed` (model width), `heads` (the flattened
 heads × head_dim width of q/k/v), `mlp` (FFN and embedding-MLP hidden width), `layers`.
-Activations: `act_batch`, `act_length` (tokens), `act_embed`, `act_heads`, `act_kv`. One rules table
-(`DEFAULT_RULES`, overridable from the config) maps them onto the mesh axes
-`data`, `fsdp`, `context`, `tensor`; a name mapped to None is replicated.
+Activations: `act_batch`, `act_length` (video tokens), `act_kv_length` (text tokens seen by
+cross-attention), `act_embed`, `act_heads`, `act_kv` (head_dim). One rules table (`DEFAULT_RULES`,
+or a swap-in table from `RULE_SETS`) maps them onto the mesh axes `MESH_AXES`; a name mapped to None
+is replicated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import numpy as np
+from flax import nnx
 from flax.core import spmd
-from jax.sharding import PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
+# data: pure data parallelism (replicated params); fsdp: batch and parameter sharding (ZeRO-3);
+# context: the token sequence of self-attention; tensor: attention heads and the FFN hidden width.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
 DEFAULT_RULES: LogicalRules = (
-    ("embed", "fsdp"),
+    ("embed", "fsdp"),  # parameters: model width sharded over fsdp, gathered per layer
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("layers", None),
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp")),  # activations: batch over every data-parallel axis
     ("act_length", "context"),
+    ("act_kv_length", None),  # text K/V are short: replicated, computed once per device
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv", None),
 )
+
+# Swap-in tables: each replaces the rows it names in DEFAULT_RULES.
+RULE_SETS: dict[str, LogicalRules] = {
+    "default": (),
+    # Pure data parallelism: every parameter replicated (small models, or a baseline).
+    "replicated": (("embed", None), ("heads", None), ("mlp", None)),
+    # Megatron-style tensor parallelism without fsdp parameter sharding.
+    "tensor_only": (("embed", None),),
+}
+
+
+def rules_for(name: str) -> LogicalRules:
+    """DEFAULT_RULES with the rows of the named swap-in table replaced."""
+    if name not in RULE_SETS:
+        raise ValueError(f"unknown rule set {name!r}; choose one of {sorted(RULE_SETS)}")
+    overrides = dict(RULE_SETS[name])
+    return tuple((logical, overrides.get(logical, mesh_axes)) for logical, mesh_axes in DEFAULT_RULES)
 
 
 def param_axes(*names: str | None) -> dict:
@@ -38,8 +67,16 @@ def param_axes(*names: str | None) -> dict:
     return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+def check_known(names, rules: LogicalRules) -> None:
+    """Raises for logical names missing from the rules (flax would silently use them as mesh axes)."""
+    missing = {n for n in names if n is not None} - {logical for logical, _ in rules}
+    if missing:
+        raise ValueError(f"logical axis names {sorted(missing)} are not in the rules table")
+
+
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
     """The mesh PartitionSpec of logical axis names under the active rules."""
+    check_known(names, spmd.get_logical_axis_rules())
     return spmd.get_pspec(PartitionSpec(*names))
 
 
@@ -48,3 +85,118 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if jax.sharding.get_abstract_mesh().empty or not spmd.get_logical_axis_rules():
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+# Mesh and processes ---------------------------------------------------------------------------
+
+
+def _fill_sizes(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES (missing = 1) with the one −1 filled so their product is num_devices."""
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    shape = [sizes.get(axis, 1) for axis in MESH_AXES]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1; got {dict(sizes)}")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = num_devices // known if num_devices % known == 0 else 0
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, shape))} do not multiply to {num_devices} devices")
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], dcn_sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """The (data, fsdp, context, tensor) mesh with Auto axes; `sizes` are per slice when `dcn_sizes` is given.
+
+    Multi-slice: the mesh is the product of ICI `sizes` within a slice and `dcn_sizes` across slices,
+    so collectives of an axis with DCN size 1 never leave a slice.
+    """
+    devices = jax.devices() if devices is None else devices
+    if dcn_sizes:
+        dcn_shape = _fill_sizes(dcn_sizes, math.prod(dcn_sizes.values()))
+        ici_shape = _fill_sizes(sizes, len(devices) // math.prod(dcn_shape))
+        # TPU slices are the DCN granules; elsewhere (GPU nodes) each process is one.
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+    else:
+        grid = mesh_utils.create_device_mesh(_fill_sizes(sizes, len(devices)), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _launched_on_many_hosts(env: Mapping[str, str]) -> bool:
+    """True when the launcher's environment says this process is one of several."""
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return (len(tpu_hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env
+            or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
+                                 initialize: Callable[[], None] = jax.distributed.initialize) -> bool:
+    """Starts the JAX multi-host runtime when launched on several hosts (auto-detected, no flags).
+
+    Must run before anything touches the devices; a no-op (returns False) on one host.
+    """
+    if not _launched_on_many_hosts(os.environ if env is None else env):
+        return False
+    initialize()
+    return True
+
+
+# Parameter shardings ---------------------------------------------------------------------------
+
+
+def param_specs(abstract_state, rules: LogicalRules = DEFAULT_RULES):
+    """PartitionSpec tree of a (abstract) nnx state from each Variable's logical `out_sharding`."""
+    check_known(logical_names(abstract_state), rules)
+    with nnx.logical_axis_rules(rules):
+        return nnx.get_partition_spec(abstract_state)
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """NamedSharding tree for an nnx state, e.g. the `out_shardings` of a jitted init."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(abstract_state, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def logical_names(abstract_state) -> set[str]:
+    """Every logical axis name the parameters of a state use."""
+    names = set()
+    for variable in jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names.update(n for n in variable.get_metadata().get("out_sharding") or () if n is not None)
+    return names
+
+
+def check_sufficiently_sharded(abstract_state, shardings, max_unsharded_fraction: float = 0.01) -> float:
+    """Fraction of parameter elements replicated on every device; raises above the threshold.
+
+    Catches a logical name missing from the rules or a rule set that leaves big matrices whole.
+    Always 0 on a single device.
+    """
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(abstract_state)]
+    sharding_leaves = jax.tree.leaves(shardings)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+    replicated = [(size, path) for size, path, s in zip(sizes, paths, sharding_leaves)
+                  if s.is_fully_replicated and len(s.device_set) > 1]
+    fraction = sum(size for size, _ in replicated) / max(sum(sizes), 1)
+    if fraction > max_unsharded_fraction:
+        largest = ", ".join(f"{path} ({size:,})" for size, path in sorted(replicated, reverse=True)[:5])
+        raise ValueError(f"{fraction:.1%} of parameter elements are unsharded (limit "
+                         f"{max_unsharded_fraction:.1%}); largest: {largest}")
+    logging.info("unsharded parameters: %.2f%%", 100 * fraction)
+    return fraction
+
+
+# Batches -------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Leading (batch) axis over every data-parallel mesh axis, the rest replicated."""
+    with nnx.logical_axis_rules(rules):
+        return NamedSharding(mesh, logical_to_spec(("act_batch",)))
+
+
+def global_batch(local_batch, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Assembles this host's numpy slice of the batch (a pytree) into global, batch-sharded arrays."""
+    sharding = batch_sharding(mesh, rules)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

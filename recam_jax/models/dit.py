@@ -104,7 +104,7 @@ class Attention(nnx.Module):
         v = split(self.v(kv_input))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.backend)
+        out = attention(q, k, v, self.backend, cross=context is not None)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
 

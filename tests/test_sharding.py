@@ -1,0 +1,224 @@
+"""Mesh, rules and shardings; the tiny DiT on 8 fake devices computes the single-device function.
+
+Regenerate the golden parameter → PartitionSpec dump after an intended change of the model or the
+rules with: `JAX_PLATFORMS=cpu python -m tests.test_sharding` (then review the diff of tests/golden/).
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from recam_jax import sharding
+from recam_jax.models.dit import WanDiT, dit_config
+from tests.test_attention import tpu_topology
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dit_1.3B_param_specs.json")
+TOLERANCE = 1e-5  # relative L2 error in float32
+
+
+@functools.cache
+def abstract_params(variant):
+    """The nnx Param state of a DiT as shapes only (nothing allocated; ~15 s to trace the 1.3B)."""
+    return nnx.state(nnx.eval_shape(lambda: WanDiT(dit_config(variant), rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def spec_dump(abstract_state, rules=sharding.DEFAULT_RULES) -> dict[str, list]:
+    """Parameter path → PartitionSpec entries (lists for JSON) under the rules."""
+    specs = sharding.param_specs(abstract_state, rules)
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    return {jax.tree_util.keystr(path): [list(a) if isinstance(a, tuple) else a for a in spec]
+            for path, spec in flat}
+
+
+# Mesh and processes
+
+
+def test_make_mesh_fills_one_axis_and_names_all_four():
+    mesh = sharding.make_mesh({"fsdp": -1, "tensor": 2})
+    assert mesh.axis_names == sharding.MESH_AXES
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"fsdp": -1, "data": -1}, "at most one"), ({"data": 3}, "do not multiply"), ({"model": 8}, "unknown mesh axes")])
+def test_make_mesh_rejects_bad_sizes(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.make_mesh(sizes)
+
+
+def test_make_mesh_with_dcn_sizes_is_per_slice_times_slices():
+    mesh = sharding.make_mesh({"fsdp": -1, "context": 2}, dcn_sizes={"data": 1})  # one CPU "slice"
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 2, "tensor": 1}
+
+
+def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
+    devices = tpu_topology("v5p:2x2x1", num_slices=2).devices
+    mesh = sharding.make_mesh({"fsdp": -1}, dcn_sizes={"data": 2}, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices).reshape(2, 4)
+    np.testing.assert_array_equal(slices, [[0] * 4, [1] * 4])
+
+
+@pytest.mark.parametrize("env, multi_host", [
+    ({}, False), ({"TPU_WORKER_HOSTNAMES": "localhost"}, False), ({"TPU_WORKER_HOSTNAMES": "h0,h1"}, True),
+    ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "4"}, True), ({"JAX_COORDINATOR_ADDRESS": "h0:1234"}, True)])
+def test_distributed_initialize_only_on_multi_host_launches(env, multi_host):
+    calls = []
+    assert sharding.maybe_initialize_distributed(env, initialize=lambda: calls.append(1)) == multi_host
+    assert len(calls) == multi_host
+
+
+# Rules, parameter shardings and the guard
+
+
+@pytest.mark.parametrize("variant", ["tiny", "1.3B"])
+def test_rules_table_names_every_logical_axis_of_the_model(variant):
+    assert sharding.logical_names(abstract_params(variant)) <= {name for name, _ in sharding.DEFAULT_RULES}
+
+
+def test_unknown_logical_name_is_an_error_not_a_mesh_axis():
+    with nnx.logical_axis_rules(sharding.DEFAULT_RULES), pytest.raises(ValueError, match="act_time"):
+        sharding.logical_to_spec(("act_batch", "act_time"))
+
+
+def test_rule_sets_replace_only_their_rows():
+    rules = dict(sharding.rules_for("tensor_only"))
+    assert rules["embed"] is None and rules["heads"] == "tensor" and rules["act_batch"] == ("data", "fsdp")
+    with pytest.raises(ValueError, match="unknown rule set"):
+        sharding.rules_for("zero")
+
+
+def test_golden_param_specs_of_the_1_3B_model():
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    assert spec_dump(abstract_params("1.3B")) == golden, "regenerate with `JAX_PLATFORMS=cpu python -m tests.test_sharding` if intended"
+
+
+def test_guard_passes_default_rules_and_rejects_replicated_params():
+    state = abstract_params("1.3B")
+    mesh = sharding.make_mesh({"fsdp": -1, "tensor": 2})
+    assert sharding.check_sufficiently_sharded(state, sharding.param_shardings(state, mesh)) < 1e-6
+    replicated = sharding.param_shardings(state, mesh, sharding.rules_for("replicated"))
+    with pytest.raises(ValueError, match=r"100\.0% of parameter elements are unsharded.*ffn"):
+        sharding.check_sufficiently_sharded(state, replicated)
+
+
+def test_optimizer_state_is_sharded_like_its_parameters():
+    def make():
+        model = WanDiT(dit_config("tiny", dim=64, num_heads=8), rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+    model, optimizer = nnx.eval_shape(make)
+    moments = nnx.state(optimizer)["opt_state"][0]
+    assert spec_dump(moments["mu"]) == spec_dump(moments["nu"]) == spec_dump(nnx.state(model, nnx.Param))
+
+
+def test_global_batch_shards_the_leading_axis_over_data_and_fsdp():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2})
+    local = {"latents": np.arange(4 * 3, dtype=np.float32).reshape(4, 3), "t": np.arange(4.0)}
+    batch = sharding.global_batch(local, mesh)
+    assert batch["latents"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(batch["latents"], local["latents"])
+    assert len(batch["t"].addressable_shards) == 8  # each of 4 batch shards on both context devices
+
+
+# The tiny DiT on meshes: same forward and gradients as one device
+
+
+def dit_inputs(batch, frames, height, width, seed=0):
+    """Latents, timesteps, text and camera poses (one per latent frame of a half)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, frames, height, width, 16)).astype(np.float32),
+            rng.uniform(0, 1000, batch).astype(np.float32),
+            rng.standard_normal((batch, 5, 32)).astype(np.float32),
+            rng.standard_normal((batch, frames // 2, 12)).astype(np.float32))
+
+
+def random_dit(attention):
+    """One-block tiny DiT (8 heads) with every parameter perturbed, so the camera modules are not a no-op."""
+    cfg = dit_config("tiny", dim=64, num_heads=8, num_layers=1, dtype="float32", attention=attention)
+    model = WanDiT(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(state)))
+    noise = jax.tree.unflatten(jax.tree.structure(state),
+                               [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(state))])
+    nnx.update(model, jax.tree.map(jnp.add, state, noise))
+    return model
+
+
+def loss_and_grads(graphdef, state, inputs):
+    """A simple loss of the prediction, its parameter gradients, and the prediction."""
+    def loss(state):
+        prediction = nnx.merge(graphdef, state)(*inputs)
+        return jnp.mean(jnp.sin(prediction)), prediction
+    (value, prediction), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    return value, grads, prediction
+
+
+def run_on_mesh(attention, sizes, inputs):
+    """Params and inputs placed by the rules, the step jitted inside the mesh context."""
+    graphdef, state = nnx.split(random_dit(attention))
+    mesh = sharding.make_mesh(sizes)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        shardings = sharding.param_shardings(state, mesh)
+        state = jax.device_put(state, shardings)
+        step = jax.jit(loss_and_grads, static_argnums=0, out_shardings=(None, shardings, None))
+        return step(graphdef, state, sharding.global_batch(inputs, mesh))
+
+
+def relative_error(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+GRIDS = {"even": (8, 4, 4, 6), "odd": (8, 2, 6, 6)}  # 24 tokens; 18 tokens (padded for context 4 and 8)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device xla values per input grid."""
+    cache = {}
+
+    def get(grid):
+        if grid not in cache:
+            graphdef, state = nnx.split(random_dit("xla"))
+            cache[grid] = jax.jit(loss_and_grads, static_argnums=0)(graphdef, state, dit_inputs(*GRIDS[grid]))
+        return cache[grid]
+    return get
+
+
+@pytest.mark.parametrize("sizes, attention, grid", [
+    ({"data": 8}, "xla", "even"),
+    ({"fsdp": 8}, "xla", "even"),
+    ({"data": 2, "fsdp": 2, "context": 2}, "ring", "even"),
+    ({"data": 2, "fsdp": 2, "context": 2}, "ulysses", "even"),
+    ({"context": 4, "tensor": 2}, "ring", "odd"),
+    ({"context": 4, "tensor": 2}, "ulysses", "even"),
+    ({"context": 8}, "ring", "even"),
+    ({"context": 8}, "ring", "odd"),
+    ({"context": 8}, "ulysses", "odd"),
+    ({"fsdp": 4, "tensor": 2}, "splash", "odd"),
+])
+def test_dit_on_mesh_matches_single_device(sizes, attention, grid, reference):
+    ref_loss, ref_grads, ref_prediction = reference(grid)
+    loss, grads, prediction = run_on_mesh(attention, sizes, dit_inputs(*GRIDS[grid]))
+    assert relative_error(prediction, ref_prediction) <= TOLERANCE
+    assert relative_error(loss, ref_loss) <= TOLERANCE
+    for (path, grad), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
+        assert relative_error(grad, ref) <= TOLERANCE, jax.tree_util.keystr(path)
+
+
+if __name__ == "__main__":
+    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    with open(GOLDEN, "w") as f:
+        json.dump(spec_dump(abstract_params("1.3B")), f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {GOLDEN}")
