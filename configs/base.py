@@ -83,7 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Text tokens after padding, and the text encoder width (umT5-XXL: 4096).
     c.data.text_len = 512
     c.data.text_dim = 4096
-    # Examples in the synthetic dataset.
+    # Data-loading worker processes per host (0: read in the main process with threads).
+    c.data.worker_count = 0
+    # Examples in the synthetic dataset (its eval split has as many, held out).
     c.data.synthetic_examples = 1024
 
     # Mesh axis sizes; -1 fills the remaining devices.
@@ -92,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.context = 1
     c.mesh.tensor = 1
+    # Logical-axis rule set of recam_jax/sharding.py (default, replicated, tensor_only).
+    c.sharding_rules = "default"
+    # With fsdp or tensor > 1: fail if more than this fraction of parameter elements stays whole.
+    c.max_unsharded_fraction = 0.01
 
     # Logging, checkpoints and exports, in steps.
     c.log_every = 10

@@ -6,7 +6,7 @@ with the very poses written to `camera_extrinsics.json` in the Unreal convention
 right, up axes, last row = position in cm, left-handed world: x forward, y right, z up), so the
 videos and the cameras agree the way the real dataset's do.
 
-    python -m data_pipeline.demo_data --out /tmp/multicam_demo --num_scenes 8 --num_frames 81
+    python -m data_pipeline.demo_data --out /tmp/multicam_demo --num_scenes 8 --prepare_to /tmp/shards
 
 also writes a random tiny umT5 (`/tmp/multicam_demo/tiny_umt5`) for `prepare --text_encoder_dir`.
 """
@@ -138,9 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--num_scenes", type=int, default=8)
-    parser.add_argument("--num_frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=48)
-    parser.add_argument("--width", type=int, default=80)
+    parser.add_argument("--num_frames", type=int, default=17)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--prepare_to", help="also encode it into shards here (tiny random VAE and umT5)")
     args = parser.parse_args()
     print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width))

@@ -100,16 +100,18 @@ def condition_latents(keys: jax.Array, source: jax.Array, cfg: FlowConfig) -> tu
     return jnp.where(keep, kept, _normal_each(replace_keys, source.shape[1:])), task
 
 
-def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig) -> tuple[jax.Array, dict]:
+def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig,
+              sigma: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted MSE between the predicted and true velocity on the target half, in float32.
 
     `apply_fn(latents, timesteps, text, camera)` is the DiT on [target ‖ source] latents; `keys`
     holds one key per example, so an example's noise does not depend on how the batch is split.
+    `sigma` fixes the noise levels (evaluation) instead of drawing them.
     """
     sigma_keys, noise_keys, cond_keys = _split_each(keys, 3)
     x0 = batch["target_latents"].astype(jnp.float32)
     eps = _normal_each(noise_keys, x0.shape[1:])
-    sigma = sample_sigmas(sigma_keys, cfg)
+    sigma = sample_sigmas(sigma_keys, cfg) if sigma is None else sigma
     noisy = (1 - _per_example(sigma, x0)) * x0 + _per_example(sigma, x0) * eps
     source, task = condition_latents(cond_keys, batch["source_latents"].astype(jnp.float32), cfg)
     latents = jnp.concatenate([noisy, source], axis=1)

@@ -163,6 +163,8 @@ def logical_names(abstract_state) -> set[str]:
     """Every logical axis name the parameters of a state use."""
     names = set()
     for variable in jax.tree.leaves(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        if not isinstance(variable, nnx.Variable):
+            continue  # a plain array (a step counter, an optimizer count): no logical axes
         names.update(n for n in variable.get_metadata().get("out_sharding") or () if n is not None)
     return names
 

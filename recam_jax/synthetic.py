@@ -42,6 +42,11 @@ class SyntheticExample:
         }
 
 
+def with_eval_draws(index: int, example: dict) -> dict:
+    """Fixes an eval example's timestep (index into the 1000-step grid) and noise seed."""
+    return {**example, "timestep_index": np.int32(index * 389 % 1000), "noise_seed": np.int32(index)}
+
+
 def synthetic_dataset(
     *,
     num_examples: int,
@@ -50,8 +55,17 @@ def synthetic_dataset(
     text_len: int,
     text_dim: int,
     seed: int,
+    for_eval: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
-    """An endless, shuffled, batched synthetic dataset (a new shuffle every epoch)."""
-    example = SyntheticExample(seed, tuple(latent_shape), text_len, text_dim)
-    return (grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None)
-            .map(example).batch(batch_size, drop_remainder=True).to_iter_dataset())
+    """This host's batches: endless and reshuffled every epoch for training; for evaluation one pass
+    over held-out examples (another seed) with fixed timesteps and noise seeds."""
+    indices = grain.MapDataset.range(num_examples)[process_index::process_count]
+    if for_eval:
+        example = SyntheticExample(seed + 10_000, tuple(latent_shape), text_len, text_dim)
+        dataset = indices.map(lambda i: with_eval_draws(i, example(i)))
+    else:
+        example = SyntheticExample(seed, tuple(latent_shape), text_len, text_dim)
+        dataset = indices.shuffle(seed=seed).repeat(None).map(example)
+    return dataset.batch(batch_size, drop_remainder=True).to_iter_dataset()

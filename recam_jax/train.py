@@ -26,14 +26,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
+from data_pipeline import loader
 from recam_jax import checkpoint, convert, flops, flow, optim, sharding
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
 from recam_jax.models.dit import WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
-EVAL_BATCHES = 2
 
 
 @flax.struct.dataclass
@@ -64,9 +63,6 @@ def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Cross-field checks, in one place, before anything is built."""
-    sizes = [config.mesh[a] for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if config.data.batch_size % config.optimizer.grad_accum_steps:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
@@ -80,25 +76,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    """A data × fsdp × context × tensor mesh over all devices (one axis may be -1: the rest)."""
-    sizes = [config.mesh[a] for a in MESH_AXES]
-    known = int(np.prod([s for s in sizes if s != -1]))
-    sizes = [jax.device_count() // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != jax.device_count():
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not cover {jax.device_count()} devices")
-    return Mesh(np.asarray(jax.devices()).reshape(sizes), MESH_AXES)
+    return sharding.make_mesh(config.mesh.to_dict())
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh):
+def state_shardings(abstract_state: TrainState, mesh: Mesh, config):
     """NamedShardings of the train state from the parameters' logical axes (moments follow them)."""
-    with nnx.logical_axis_rules(sharding.DEFAULT_RULES):
-        specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sharding.param_shardings(abstract_state, mesh, sharding.rules_for(config.sharding_rules))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+def check_parameters_sharded(abstract_state: TrainState, shardings, mesh: Mesh, config) -> None:
+    """Where the mesh is meant to shard parameters (fsdp or tensor > 1), fail if most are whole."""
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
+        params = {"trainable": abstract_state.trainable, "frozen": abstract_state.frozen}
+        sharding.check_sufficiently_sharded(params, {"trainable": shardings.trainable, "frozen": shardings.frozen},
+                                            config.max_unsharded_fraction)
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -174,30 +165,38 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
     return new_state, metrics
 
 
-def eval_loss(state: TrainState, batch: dict, index: jax.Array, *, graphdef, flow_cfg) -> jax.Array:
-    """Validation loss with noise and timesteps fixed by the eval batch index: comparable across runs."""
+def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg) -> jax.Array:
+    """Validation loss at each example's fixed timestep and noise seed: comparable across runs."""
     model = model_from_state(graphdef, state)
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(1234), index), batch["target_latents"].shape[0])
-    return flow.flow_loss(model, keys, batch, flow_cfg)[0]
+    keys = jax.vmap(jax.random.key)(batch["noise_seed"])
+    grid = jnp.asarray(flow.shifted_sigmas(flow.NUM_TRAIN_TIMESTEPS, flow_cfg.shift), jnp.float32)
+    return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[0]
 
 
 # --- data -----------------------------------------------------------------------------------------
 
 
-def make_dataset(config, *, seed: int, num_examples: int | None = None):
-    """This host's slice of the batches (a checkpointable grain dataset)."""
+def make_data_iterator(config, *, split: str = "train"):
+    """This host's checkpointable iterator of batches: endless for "train", one pass for "eval"."""
     local_batch = config.data.batch_size // jax.process_count()
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if config.data.source == "synthetic":
-        return synthetic_dataset(
-            num_examples=num_examples or config.data.synthetic_examples, batch_size=local_batch,
+        return iter(synthetic_dataset(
+            num_examples=config.data.synthetic_examples, batch_size=local_batch,
             latent_shape=tuple(config.data.latent_shape), text_len=config.data.text_len,
-            text_dim=config.data.text_dim, seed=seed + jax.process_index())
-    raise ValueError(f"data.source={config.data.source!r}: only 'synthetic' is available so far")
+            text_dim=config.data.text_dim, seed=config.seed, for_eval=split == "eval", **hosts))
+    if config.data.source == "tfrecord":
+        if split == "eval":
+            return loader.make_eval_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
+                                             **hosts)
+        return loader.make_train_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
+                                          seed=config.seed, worker_count=config.data.worker_count, **hosts)
+    raise ValueError(f"data.source={config.data.source!r} is not 'synthetic' or 'tfrecord'")
 
 
-def to_global(batch: dict, sharding: NamedSharding) -> dict:
+def to_global(batch: dict, data_sharding: NamedSharding) -> dict:
     """Assembles each host's numpy batch into one global array per key."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -218,8 +217,8 @@ class Preemption:
 def build_step(config, mesh: Mesh, graphdef, abstract_state):
     """The jitted train step with explicit shardings (state donated), and its shardings."""
     tx = optim.make_optimizer(config.optimizer)
-    shardings = state_shardings(abstract_state, mesh)
-    data_sharding = batch_sharding(mesh)
+    shardings = state_shardings(abstract_state, mesh, config)
+    data_sharding = sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules))
     step = functools.partial(
         train_step, graphdef=graphdef, tx=tx, flow_cfg=flow_config(config),
         accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
@@ -240,10 +239,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Runs (or resumes) training in `workdir` until `config.steps`; returns the final state."""
     check_config(config)
     mesh = make_mesh(config)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
+        return _train_on_mesh(config, workdir, mesh)
+
+
+def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
     preemption = Preemption()
     writer = MetricWriter(workdir)
-    data = make_dataset(config, seed=config.seed)
-    data_iterator = iter(data)
+    data_iterator = make_data_iterator(config)
     tx = optim.make_optimizer(config.optimizer)
 
     # Abstract state first; real arrays are only ever created on their shardings.
@@ -252,6 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     abstract_state = jax.eval_shape(random_state)
     graphdef = split_model(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), config.trainable)[0]
     step_fn, shardings, data_sharding = build_step(config, mesh, graphdef, abstract_state)
+    check_parameters_sharded(abstract_state, shardings, mesh, config)
     compiled = step_fn.lower(abstract_state, abstract_batch(config, data_sharding)).compile()
     _log_startup(config, abstract_state, compiled)
 
@@ -305,9 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def evaluate(config, eval_fn, state, data_sharding) -> float:
-    """Mean loss over the first EVAL_BATCHES batches of a fixed, held-out synthetic set."""
-    eval_iterator = iter(make_dataset(config, seed=config.seed + 10_000))
-    losses = [eval_fn(state, to_global(next(eval_iterator), data_sharding), i) for i in range(EVAL_BATCHES)]
+    """Mean loss over one pass of the fixed held-out examples."""
+    losses = [eval_fn(state, to_global(batch, data_sharding)) for batch in make_data_iterator(config, split="eval")]
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -348,6 +351,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, Tensor
 
 def main(argv) -> None:
     del argv
+    sharding.maybe_initialize_distributed()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")

@@ -51,7 +51,7 @@ def test_overfits_one_fixed_batch():
     graphdef = train.split_model(model, config.trainable)[0]
     state = train.new_state(model, config, tx)
     step_fn, _, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
-    batch = train.to_global(next(iter(train.make_dataset(config, seed=0))), data_sharding)
+    batch = train.to_global(next(train.make_data_iterator(config)), data_sharding)
     losses = []
     for _ in range(80):
         # Holding the step counter (which seeds noise and timesteps) at 0 fixes the whole input.
@@ -89,7 +89,7 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     shardings = train.state_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     manager = checkpoint.make_manager(str(tmp_path), every=4, keep_last=1, keep_every=0)
-    data_iterator = iter(train.make_dataset(config, seed=config.seed))
+    data_iterator = train.make_data_iterator(config)
     restored = checkpoint.restore_latest(manager, target, data_iterator)
     for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
         assert got.sharding == sharding
@@ -99,7 +99,7 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.shape == (8, 64)
     assert leaves_equal(restored.opt_state, saved.opt_state) and leaves_equal(restored.ema, saved.ema)
     # The data iterator resumes after the 4 batches already consumed.
-    fresh = iter(train.make_dataset(config, seed=config.seed))
+    fresh = train.make_data_iterator(config)
     for _ in range(4):
         next(fresh)
     assert leaves_equal(next(data_iterator), next(fresh))
@@ -156,12 +156,12 @@ def poison_batch(at):
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real = train.make_dataset
-    monkeypatch.setattr(train, "make_dataset", lambda config, seed: real(config, seed=seed).map(poison_batch(7)))
+    real = train.synthetic_dataset
+    monkeypatch.setattr(train, "synthetic_dataset", lambda **kw: real(**kw).map(poison_batch(7)))
     config = tiny_config(steps=10, checkpoint_every=5)
     with pytest.raises(FloatingPointError, match=r"at step 7 .* last checkpoint \(step 5\)"):
         train.train(config, str(tmp_path))
-    monkeypatch.setattr(train, "make_dataset", real)
+    monkeypatch.setattr(train, "synthetic_dataset", real)
     manager = checkpoint.make_manager(str(tmp_path), every=5, keep_last=3, keep_every=0)
     assert manager.latest_step() == 5
     resumed = train.train(tiny_config(steps=6, checkpoint_every=5), str(tmp_path))
@@ -169,8 +169,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 
 
 def test_nan_update_is_skipped_and_counted_when_configured(tmp_path, monkeypatch):
-    real = train.make_dataset
-    monkeypatch.setattr(train, "make_dataset", lambda config, seed: real(config, seed=seed).map(poison_batch(3)))
+    real = train.synthetic_dataset
+    monkeypatch.setattr(train, "synthetic_dataset", lambda **kw: real(**kw).map(poison_batch(3)))
     state = train.train(tiny_config(steps=5, **{"optimizer.skip_nonfinite": True}), str(tmp_path))
     assert int(state.skipped_nonfinite) == 1 and int(state.step) == 5
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
@@ -187,7 +187,7 @@ def test_grad_accumulation_equals_the_full_batch_step():
     model = WanDiT(train.model_config(config), rngs=nnx.Rngs(0))
     graphdef = train.split_model(model, config.trainable)[0]
     state = train.new_state(model, config, tx)
-    batch = next(iter(train.make_dataset(config, seed=0)))
+    batch = next(train.make_data_iterator(config))
     results = []
     for accum in (1, 4):
         config.optimizer.grad_accum_steps = accum
