@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Text tokens after padding, and the text encoder width (umT5-XXL: 4096).
     c.data.text_len = 512
     c.data.text_dim = 4096
+    # Fixed (target, source) camera pairs per held-out scene in the eval set (tfrecord source).
+    c.data.eval_pairs_per_scene = 2
     # Data-loading worker processes per host (0: read in the main process with threads).
     c.data.worker_count = 0
     # Examples in the synthetic dataset (its eval split has as many, held out).

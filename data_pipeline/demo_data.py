@@ -17,9 +17,9 @@ import csv
 import json
 import os
 
-import imageio_ffmpeg
 import numpy as np
 
+from data_pipeline import video
 from data_pipeline.multicam import CAMERAS
 from data_pipeline.text_encoder import write_tiny_umt5
 
@@ -80,15 +80,6 @@ def unreal_string(matrix: np.ndarray) -> str:
     return " ".join("[" + " ".join(f"{x:g}" for x in row) + "]" for row in matrix) + " "
 
 
-def write_video(path: str, frames: np.ndarray) -> None:
-    """Frames (F, H, W, 3) uint8 as an H.264 mp4, the way the dataset ships its videos."""
-    writer = imageio_ffmpeg.write_frames(path, frames.shape[2:0:-1], fps=15, quality=8, macro_block_size=1)
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
-
-
 def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, width: int, seed: int) -> None:
     """One scene folder: cameras/camera_extrinsics.json and videos/cam01..cam10.mp4."""
     rng = np.random.default_rng(seed)
@@ -101,7 +92,7 @@ def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, w
         json.dump(extrinsics, f, indent=1)
     for camera in CAMERAS:
         frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal_mm, colours) for k in range(num_frames)])
-        write_video(os.path.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)
+        video.write_video(os.path.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)
 
 
 def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int = 48, width: int = 80) -> str:

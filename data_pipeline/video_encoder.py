@@ -1,4 +1,4 @@
-"""The video encoder `prepare` uses: the Flax Wan2.1 VAE, jitted, from real or random weights.
+"""The video encoder `prepare` uses (and the sampler's decoder): the Flax Wan2.1 VAE, jitted.
 
 An encoder is a callable video (N, F, H, W, 3) float32 in [-1, 1] -> normalised latents
 (N, 1 + (F - 1) / 4, H / 8, W / 8, channels), channels-last, with two attributes:
@@ -25,20 +25,26 @@ def latent_shape(num_frames: int, height: int, width: int, channels: int) -> tup
     return (1 + (num_frames - 1) // TEMPORAL_STRIDE, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE, channels)
 
 
-class VAEEncoder:
-    """`WanVAE.encode` (posterior mean, normalised latents) under jit, numpy in and out."""
+class VideoVAE:
+    """`WanVAE.encode` (posterior mean, normalised latents) as the call, and `decode`, under jit,
+    numpy in and out."""
 
     def __init__(self, vae: WanVAE, identity: str):
         self.latent_channels = vae.config.z_dim
         self.identity = identity
         self._vae = vae
         self._encode = nnx.jit(lambda model, video: model.encode(video))
+        self._decode = nnx.jit(lambda model, latents: model.decode(latents))
 
     def __call__(self, video: np.ndarray) -> np.ndarray:
         return np.asarray(self._encode(self._vae, jnp.asarray(video, jnp.float32)))
 
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Video (N, F, H, W, 3) in [-1, 1] from normalised latents."""
+        return np.asarray(self._decode(self._vae, jnp.asarray(latents, jnp.float32)))
 
-def make_video_encoder(name: str, vae_path: str | None = None, dtype: str = "float32") -> VAEEncoder:
+
+def make_video_encoder(name: str, vae_path: str | None = None, dtype: str = "float32") -> VideoVAE:
     """`name` is a VAE config of `recam_jax.models.vae.VAE_CONFIGS`: 'wan2.1' with the weights at
     `vae_path` (Wan2.1_VAE.pth or diffusers), or 'demo' with random weights (demos and tests)."""
     if name not in VAE_CONFIGS:
@@ -46,7 +52,7 @@ def make_video_encoder(name: str, vae_path: str | None = None, dtype: str = "flo
     vae = WanVAE(VAE_CONFIGS[name], rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
     if vae_path:
         vae_convert.load_weights(vae, vae_path)
-        return VAEEncoder(vae, f"wan_vae({name}, {vae_path})")
+        return VideoVAE(vae, f"wan_vae({name}, {vae_path})")
     if name != "demo":
         raise ValueError(f"video encoder {name!r} needs --vae_path to its weights; only 'demo' runs on random weights")
-    return VAEEncoder(vae, "wan_vae(demo, random weights seed 0)")
+    return VideoVAE(vae, "wan_vae(demo, random weights seed 0)")

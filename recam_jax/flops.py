@@ -28,22 +28,22 @@ def _per_block_token_weights(cfg: DiTConfig) -> dict[str, int]:
     return weights
 
 
-def train_step_flops(cfg: DiTConfig, latent_shape, text_len: int, trainable: str, batch_size: int = 1) -> float:
-    """Model FLOPs of one training step on `batch_size` examples of [target ‖ source] latents.
+def flop_breakdown(cfg: DiTConfig, latent_shape, text_len: int, trainable: str) -> dict[str, float]:
+    """Model FLOPs of one training example by kind: forward dense and attention, backward, weight grads.
 
     `latent_shape` is (frames, height, width, channels) of ONE half; `trainable` as in the config.
     """
     frames, height, width, _ = latent_shape
-    tokens = 2 * frames * height * width // int(np.prod(cfg.patch_size))
+    patch = int(np.prod(cfg.patch_size))
+    tokens = 2 * frames * height * width // patch
     d, layers = cfg.dim, cfg.num_layers
     token_weights = _per_block_token_weights(cfg)
-    text_weights = 2 * d * d  # cross-attn k, v
     camera_weights = CAMERA_DIM * d if cfg.camera else 0
 
-    forward_dense = 2 * layers * (tokens * sum(token_weights.values()) + text_len * text_weights
+    forward_dense = 2 * layers * (tokens * sum(token_weights.values()) + text_len * 2 * d * d  # cross k, v
                                   + frames * camera_weights)
-    forward_dense += 2 * tokens * (cfg.in_dim * int(np.prod(cfg.patch_size)) * d + d * cfg.out_dim * int(np.prod(cfg.patch_size)))
-    forward_dense += 2 * text_len * (cfg.text_dim * d + d * d)
+    forward_dense += 2 * tokens * (cfg.in_dim * patch * d + d * cfg.out_dim * patch)  # patch embed, head
+    forward_dense += 2 * text_len * (cfg.text_dim * d + d * d)  # text MLP
     forward_attention = 4 * layers * (tokens * tokens * d + tokens * text_len * d)
 
     if trainable == "all":
@@ -53,5 +53,17 @@ def train_step_flops(cfg: DiTConfig, latent_shape, text_len: int, trainable: str
         if trainable == "camera+self_attn":
             per_block += token_weights["self_attn"] * tokens
         weight_grads = 2 * layers * per_block
-    total = 2 * forward_dense + 3 * forward_attention + weight_grads
-    return float(total * batch_size)
+    return {"forward_dense": float(forward_dense), "forward_attention": float(forward_attention),
+            "backward_activations": float(forward_dense + 2 * forward_attention),
+            "weight_grads": float(weight_grads)}
+
+
+def forward_flops(cfg: DiTConfig, latent_shape, text_len: int) -> float:
+    """Model FLOPs of one forward pass on one example."""
+    parts = flop_breakdown(cfg, latent_shape, text_len, "all")
+    return parts["forward_dense"] + parts["forward_attention"]
+
+
+def train_step_flops(cfg: DiTConfig, latent_shape, text_len: int, trainable: str, batch_size: int = 1) -> float:
+    """Model FLOPs of one training step on `batch_size` examples of [target ‖ source] latents."""
+    return batch_size * sum(flop_breakdown(cfg, latent_shape, text_len, trainable).values())

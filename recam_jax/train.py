@@ -188,7 +188,7 @@ def make_data_iterator(config, *, split: str = "train"):
     if config.data.source == "tfrecord":
         if split == "eval":
             return loader.make_eval_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
-                                             **hosts)
+                                             pairs_per_scene=config.data.eval_pairs_per_scene, **hosts)
         return loader.make_train_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
                                           seed=config.seed, worker_count=config.data.worker_count, **hosts)
     raise ValueError(f"data.source={config.data.source!r} is not 'synthetic' or 'tfrecord'")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline import demo_data, multicam, prepare, schema, shards, tfrecord, text_encoder, video_encoder
+from data_pipeline import demo_data, multicam, prepare, schema, shards, tfrecord, text_encoder, video, video_encoder
 
 FRAMES, HEIGHT, WIDTH = 9, 16, 24
 NUM_SCENES = 8
@@ -35,7 +35,7 @@ def _break_scenes(root):
     data = json.load(open(path))
     del data[f"frame{FRAMES - 1}"]["cam04"]
     json.dump(data, open(path, "w"))
-    demo_data.write_video(scenes["f35_aperture2.4/scene3"].video_path(2), np.zeros((FRAMES - 2, HEIGHT, WIDTH, 3), np.uint8))
+    video.write_video(scenes["f35_aperture2.4/scene3"].video_path(2), np.zeros((FRAMES - 2, HEIGHT, WIDTH, 3), np.uint8))
     return {"f18_aperture10/scene5": "cam07.mp4: missing", "f24_aperture5/scene2": "frame8/cam04", "f35_aperture2.4/scene3": "cam02.mp4: has 7 frames"}
 
 

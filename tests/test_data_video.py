@@ -23,7 +23,7 @@ def test_resize_covers_the_target_and_crops_the_centre(tmp_path):
     frames = np.zeros((5, 48, 144, 3), np.uint8)  # black | white | black thirds
     frames[:, :, 48:96] = 255
     path = str(tmp_path / "thirds.mp4")
-    demo_data.write_video(path, frames)
+    video.write_video(path, frames)
     centre = video.read_video(path, 5, 32, 32)  # scale 2/3 -> 32x96, the middle 32 columns are white
     assert centre.shape == (5, 32, 32, 3)
     assert centre[:, :, 2:-2].min() > 0.8
@@ -33,7 +33,7 @@ def test_resize_covers_the_target_and_crops_the_centre(tmp_path):
 
 def test_short_video_is_an_error_naming_the_file(tmp_path):
     path = str(tmp_path / "short.mp4")
-    demo_data.write_video(path, np.zeros((3, 16, 16, 3), np.uint8))
+    video.write_video(path, np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(video.VideoError, match="short.mp4: has 3 frames, 5 needed"):
         video.read_video(path, 5, 16, 16)
 

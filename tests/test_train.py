@@ -81,12 +81,14 @@ def test_frozen_parameters_stay_bit_identical_and_only_trainables_have_moments(t
 
 
 def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
-    config = tiny_config(steps=4, checkpoint_every=4, **{"mesh.data": 1, "mesh.fsdp": -1, "optimizer.ema_decay": 0.9})
+    # The tiny model's unshardable embedders are 4% of its weights (1e-7 % of the 1.3B's): allow it.
+    config = tiny_config(steps=4, checkpoint_every=4, max_unsharded_fraction=0.05,
+                         **{"mesh.data": 1, "mesh.fsdp": -1, "optimizer.ema_decay": 0.9})
     saved = train.train(config, str(tmp_path))
     mesh = train.make_mesh(config)
     assert mesh.shape["fsdp"] == jax.device_count() == 8
     abstract = jax.eval_shape(lambda: saved)
-    shardings = train.state_shardings(abstract, mesh)
+    shardings = train.state_shardings(abstract, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     manager = checkpoint.make_manager(str(tmp_path), every=4, keep_last=1, keep_every=0)
     data_iterator = train.make_data_iterator(config)

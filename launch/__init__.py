@@ -1,0 +1,1 @@
+"""Launching the trainer: TPU pods, Slurm GPU clusters, sweeps."""
