@@ -33,7 +33,10 @@ setup(
     extras_require={
         # Reading and writing PyTorch checkpoints (convert, init_from, export).
         "torch": [TORCH],
-        # The test suite: parity against diffusers' PyTorch Wan classes on random weights.
-        "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0"],
+        # Running on TPUs, and compiling TPU programs ahead of time on any host (recam_jax.compile).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # The test suite: parity against diffusers' PyTorch Wan classes on random weights; TPU AOT
+        # compiles of tiny models (libtpu compiles on a CPU host, no TPU needed).
+        "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0", "jax[tpu]>=0.10.2,<0.11"],
     },
 )

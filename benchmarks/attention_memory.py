@@ -43,7 +43,7 @@ def main():
     cases = [("xla", {"context": n}), ("splash", {"tensor": n}), ("ring", {"context": n}),
              ("ulysses", {"context": n}), ("ulysses_splash", {"context": n})]
     print(f"{args.topology}: {n} chips, batch 1, {args.tokens} tokens, {HEADS} heads × {HEAD_DIM}, bf16, fwd+bwd")
-    print(f"| backend | mesh | temp GiB/chip | args GiB/chip | compile s |\n|---|---|---|---|---|")
+    print("| backend | mesh | temp GiB/chip | args GiB/chip | compile s |\n|---|---|---|---|---|")
     for backend, sizes in cases:
         mesh = sharding.make_mesh(sizes, devices=devices)
         start = time.perf_counter()

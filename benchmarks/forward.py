@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from recam_jax.models.dit import WanDiT, dit_config
@@ -63,8 +62,8 @@ def main() -> None:
     cases = ((args.variant, args.frames, args.height, args.width),) if args.variant else DEFAULT_CASES
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, dtype {args.dtype}, "
           f"attention {args.attention}, text {args.text_len} tokens")
-    print(f"| variant | latents (b×(2f)×h×w) | tokens | compile s | forward ms |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | latents (b×(2f)×h×w) | tokens | compile s | forward ms |")
+    print("|---|---|---|---|---|")
     for variant, frames, height, width in cases:
         row = measure(variant, frames, height, width, args.batch, args.dtype, args.attention, args.repeats,
                       args.text_len)

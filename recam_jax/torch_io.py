@@ -80,7 +80,7 @@ class LazyStateDict(Mapping):
 def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
     from safetensors import safe_open
 
-    handles, shapes, owner = [], {}, {}
+    shapes, owner = {}, {}  # tensor name -> shape, and the open file holding it
     for file in files:
         try:
             handle = safe_open(file, framework="pt")
@@ -95,7 +95,6 @@ def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
             raise
         except Exception as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-        handles.append(handle)
     return LazyStateDict(path, shapes, lambda key: tensor_to_numpy(owner[key].get_tensor(key)))
 
 

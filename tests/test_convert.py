@@ -1,7 +1,6 @@
 """Weight conversion: exact round trips, official key layout, safe loading, clear errors."""
 
 import os
-import pickle
 import re
 
 import jax

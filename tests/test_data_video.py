@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline import demo_data, video
+from data_pipeline import video
 
 REAL_MP4 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "recammaster_examples", "videos", "4.mp4")
 
