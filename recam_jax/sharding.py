@@ -39,6 +39,9 @@ DEFAULT_RULES: LogicalRules = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv", None),
+    # The VAE's conv channels: replicated; the VAE runs data-parallel when pre-encoding.
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 # Swap-in tables: each replaces the rows it names in DEFAULT_RULES.

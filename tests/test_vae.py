@@ -11,7 +11,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from flax import nnx
 
-from recam_jax import vae_convert
+from recam_jax import sharding, vae_convert
 from recam_jax.models.vae import VAE_CONFIGS, VAEConfig, WanVAE, blend_tiles
 from recam_jax.torch_io import CheckpointError, open_state_dict, save_state_dict
 
@@ -235,3 +235,10 @@ def test_unknown_file_layout_is_refused(tmp_path):
     bad = str(tmp_path / "other.safetensors")
     save_state_dict({"foo.weight": np.zeros(2, np.float32)}, bad)
     assert_refused(bad, str(tmp_path / "out.pth"), bad, "encoder.conv_in.weight")
+
+
+def test_vae_parameters_have_rules_for_every_logical_axis():
+    model = nnx.eval_shape(lambda: WanVAE(VAE_CONFIGS["tiny"], rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh({"data": -1})
+    shardings = sharding.param_shardings(nnx.state(model, nnx.Param), mesh)  # raises on an unknown name
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
