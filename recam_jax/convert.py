@@ -85,20 +85,18 @@ def weight_table(cfg: DiTConfig) -> list[Weight]:
     return weights
 
 
+# Axis order of the PyTorch tensor in terms of the Flax array's axes, per kind of weight.
+TORCH_AXES = {"linear": (1, 0), "conv": (4, 3, 0, 1, 2), "copy": None}
+
+
 def to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return array.T
-    if kind == "conv":
-        return array.transpose(4, 3, 0, 1, 2)
-    return array
+    axes = TORCH_AXES[kind]
+    return array if axes is None else array.transpose(axes)
 
 
 def to_flax_layout(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return array.T
-    if kind == "conv":
-        return array.transpose(2, 3, 4, 1, 0)
-    return array
+    axes = TORCH_AXES[kind]
+    return array if axes is None else array.transpose(np.argsort(axes))
 
 
 def detect_layout(names) -> str:
