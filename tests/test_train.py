@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,21 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         final[run] = convert.load_pytorch(str(tmp_path / run / "exports" / "recammaster_step60.ckpt"),
                                           train.model_config(tiny.get_config()))
     assert leaves_equal(nnx.state(final["straight"]), nnx.state(final["killed"]))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    process = run_trainer(tmp_path, "--config.steps=100000", "--config.checkpoint_every=20", wait=False)
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoints" / "20").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    saved = int(re.search(r"SIGTERM: saved step (\d+), exiting", output).group(1))
+    assert saved >= 20
+    manager = checkpoint.make_manager(str(tmp_path), every=20, keep_last=3, keep_every=0)
+    assert manager.latest_step() == saved
 
 
 def poison_batch(at):
