@@ -34,7 +34,6 @@ from recam_jax.models.dit import WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
 
 
-
 @flax.struct.dataclass
 class TrainState:
     """Everything a step reads and writes; saved whole in every checkpoint."""
