@@ -130,7 +130,7 @@ def test_rejects_latents_not_divisible_by_patch():
         model(jnp.zeros((1, 2, 5, 6, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv", "offload"])
 def test_remat_and_bf16_compute_keep_the_function(remat):
     cfg = dit_config("tiny", dtype="float32")
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
