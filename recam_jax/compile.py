@@ -1,6 +1,6 @@
 """Plan a training run before paying for it: compile the real train step for a TPU topology here.
 
-    python -m recam_jax.compile --config configs/base.py --topology v5p-8 [--config.key=value ...]
+    JAX_PLATFORMS=cpu python -m recam_jax.compile --config configs/base.py --topology v5p-8 [--config.key=value ...]
 
 Compiles `train.compile_step` (the trainer's own step, shardings and donation) ahead of time for the
 devices of a TPU topology description (needs libtpu, no TPU: nothing is allocated), or for the local
@@ -158,8 +158,9 @@ def report(p: Plan, mfus=(1.0, 0.5)) -> str:
 
 # --config and its --config.key=value overrides are the trainer's flag (defined by importing train).
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, f"TPU topology to compile for: {', '.join(TOPOLOGIES)} (Cloud names; v5p/v4 count "
-    "TensorCores, v5e/v6e chips) or a libtpu name like v5p:2x2x1. Default: the local devices.")
+    "topology", None, "TPU topology to compile for, a Cloud name (v5p/v4 count TensorCores, v5e/v6e chips) → "
+    f"libtpu name: {', '.join(f'{k} → {v}' for k, v in TOPOLOGIES.items())}; or a libtpu name like v5p:2x2x1. "
+    "Default: the local devices.")
 
 
 def main(argv) -> None:
