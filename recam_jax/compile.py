@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import os
 import re
+import sys
 
 import jax
 from absl import app, flags
@@ -169,7 +170,12 @@ def main(argv) -> None:
     if config is None:
         raise app.UsageError("--config is required")
     devices = topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
-    print(report(plan(config, devices)), flush=True)
+    try:
+        print(report(plan(config, devices)), flush=True)
+    except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program over HBM
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        sys.exit(f"does not fit: {str(error).splitlines()[0]}")
 
 
 if __name__ == "__main__":
