@@ -21,14 +21,11 @@ TOLERANCE = 1e-5  # relative L2 error per parameter, float32
 
 
 def run_steps(config, devices):
-    """Per-step losses and the final train state of STEPS real train steps on a mesh over `devices`."""
+    """Per-step losses and the final train state of STEPS trainer steps on a mesh over `devices`."""
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
-        state = train.init_fn(config)()
-        graphdef = train.split_model(nnx.eval_shape(lambda: dit.WanDiT(train.model_config(config), rngs=nnx.Rngs(0))),
-                                     config.trainable)[0]
-        step_fn, shardings, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
-        state = jax.device_put(state, shardings)
+        step_fn, _, _, shardings, data_sharding = train.compile_step(config, mesh)
+        state = jax.device_put(train.init_fn(config)(), shardings)
         batches = train.make_data_iterator(config)
         losses = []
         for _ in range(STEPS):
