@@ -228,6 +228,27 @@ def build_step(config, mesh: Mesh, graphdef, abstract_state):
     return jitted, shardings, data_sharding
 
 
+def init_fn(config):
+    """A function creating the step-0 train state from `config.seed`: jit it with `out_shardings`."""
+    cfg, tx = model_config(config), optim.make_optimizer(config.optimizer)
+    return lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(config.seed)), config, tx)
+
+
+def compile_step(config, mesh: Mesh):
+    """The train step AOT-compiled for `mesh` from shapes alone (nothing is allocated).
+
+    Returns (compiled step, graphdef, abstract state, state shardings, batch sharding); call inside
+    `jax.set_mesh(mesh)` and the config's logical axis rules, as the trainer does.
+    """
+    abstract_state = jax.eval_shape(init_fn(config))
+    cfg = model_config(config)
+    graphdef = split_model(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), config.trainable)[0]
+    step_fn, shardings, data_sharding = build_step(config, mesh, graphdef, abstract_state)
+    check_parameters_sharded(abstract_state, shardings, mesh, config)
+    compiled = step_fn.lower(abstract_state, abstract_batch(config, data_sharding)).compile()
+    return compiled, graphdef, abstract_state, shardings, data_sharding
+
+
 def abstract_batch(config, data_sharding):
     spec = batch_spec(config.data.batch_size, tuple(config.data.latent_shape), config.data.text_len,
                       config.data.text_dim)
@@ -250,12 +271,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
 
     # Abstract state first; real arrays are only ever created on their shardings.
     cfg = model_config(config)
-    random_state = lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(config.seed)), config, tx)
-    abstract_state = jax.eval_shape(random_state)
-    graphdef = split_model(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), config.trainable)[0]
-    step_fn, shardings, data_sharding = build_step(config, mesh, graphdef, abstract_state)
-    check_parameters_sharded(abstract_state, shardings, mesh, config)
-    compiled = step_fn.lower(abstract_state, abstract_batch(config, data_sharding)).compile()
+    compiled, graphdef, abstract_state, shardings, data_sharding = compile_step(config, mesh)
     _log_startup(config, abstract_state, compiled)
 
     manager = checkpoint.make_manager(workdir, every=config.checkpoint_every, keep_last=config.keep_last,
@@ -268,7 +284,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
     elif config.init_from:  # weights on disk: read tensor by tensor on the host, then placed on the mesh
         state = jax.device_put(new_state(convert.load_any(config.init_from, cfg=cfg), config, tx), shardings)
     else:
-        state = jax.jit(random_state, out_shardings=shardings)()
+        state = jax.jit(init_fn(config), out_shardings=shardings)()
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))
 
     train_flops = flops.train_step_flops(cfg, config.data.latent_shape, config.data.text_len,

@@ -11,7 +11,7 @@ from diffusers import WanTransformer3DModel
 from flax import nnx
 
 from recam_jax import convert
-from recam_jax.models.dit import WanDiT, dit_config
+from recam_jax.models.dit import QKV_NAMES, WanDiT, dit_config
 
 HEADS, HEAD_DIM, TEXT_DIM = 2, 24, 20  # head_dim 24 splits into 8/8/8 RoPE parts
 TOLERANCE = 1e-5  # relative L2 error in float32
@@ -135,7 +135,7 @@ def test_rejects_latents_not_divisible_by_patch():
         model(jnp.zeros((1, 2, 5, 6, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv", "offload"])
 def test_remat_and_bf16_compute_keep_the_function(remat):
     cfg = dit_config("tiny", dtype="float32")
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
@@ -154,3 +154,13 @@ def test_remat_and_bf16_compute_keep_the_function(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     bf16_model = WanDiT(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))  # same fp32 params
     assert relative_error(bf16_model(*args), np.asarray(model(*args))) < 3e-2
+
+
+def test_save_qkv_keeps_exactly_the_q_k_v_projections(capsys):
+    model = WanDiT(dit_config("tiny", dtype="float32", remat="save_qkv"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    args = (jnp.zeros((1, 2, 4, 4, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)), jnp.zeros((1, 1, 12)))
+    jax.ad_checkpoint.print_saved_residuals(lambda s: jnp.sum(nnx.merge(graphdef, s)(*args)), state)
+    named = [line for line in capsys.readouterr().out.splitlines() if " named " in line]
+    # 2 blocks × (self- and cross-attention) × (q, k, v)
+    assert len(named) == 12 and all(any(f"'{n}'" in line for n in QKV_NAMES) for line in named)

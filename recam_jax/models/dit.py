@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from recam_jax.batch import CAMERA_DIM
 from recam_jax.models.attention import attention
@@ -21,10 +22,17 @@ from recam_jax.models.layers import (
     MLP, LayerNorm, RMSNorm, apply_rope, dense, gelu_tanh, rope_tables, sinusoidal_embedding)
 from recam_jax.sharding import constrain, param_axes
 
+QKV_NAMES = ("attn_q", "attn_k", "attn_v")  # checkpoint names of the normed q, k, v projections
+
+# What a block's backward keeps from its forward (the rest is recomputed); "none" = no remat.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": jax.checkpoint_policies.save_only_these_names(*QKV_NAMES),
+    # Weight matmul outputs go to pinned host memory and come back for the backward (TPU, GPU; on
+    # CPU host and device memory are one: it computes the same, with no saving).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -45,7 +53,7 @@ class DiTConfig:
     camera: bool = True  # ReCamMaster's cam_encoder + projector in every block
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype; norms, RoPE, softmax statistics and modulation stay fp32
-    remat: str = "none"  # one of REMAT_POLICIES
+    remat: str = "none"  # one of REMAT_POLICIES: none, full, save_dots, save_qkv, offload
     attention: str = "xla"  # a backend of models/attention.py
 
     @property
@@ -99,9 +107,9 @@ class Attention(nnx.Module):
         """Self-attention (context None, with RoPE) or cross-attention to `context`."""
         kv_input = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, -1)
-        q = split(self.norm_q(self.q(x)))
-        k = split(self.norm_k(self.k(kv_input)))
-        v = split(self.v(kv_input))
+        q = split(checkpoint_name(self.norm_q(self.q(x)), "attn_q"))
+        k = split(checkpoint_name(self.norm_k(self.k(kv_input)), "attn_k"))
+        v = split(checkpoint_name(self.v(kv_input), "attn_v"))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.backend, cross=context is not None)
@@ -197,13 +205,15 @@ class WanDiT(nnx.Module):
         x = constrain(x.reshape(x.shape[0], -1, cfg.dim), ("act_batch", "act_length", "act_embed"))
         rope = tuple(jnp.asarray(t) for t in rope_tables(cfg.head_dim, grid))
 
-        def run_block(block, x):
-            return block(x, context, t_mod, rope, camera, grid)
+        def run_block(block_def, block_state, x):
+            return nnx.merge(block_def, block_state)(x, context, t_mod, rope, camera, grid)
 
+        # jax.checkpoint of a pure function of the block's state: nnx.remat refuses a block whose
+        # parameters come from two traces (trainable and frozen halves merged inside value_and_grad).
         if REMAT_POLICIES[cfg.remat] is not None:
-            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
         for block in self.blocks:
-            x = run_block(block, x)
+            x = run_block(*nnx.split(block), x)
         return self._unpatchify(self.head(x, t_emb).astype(jnp.float32), grid)
 
     def _token_grid(self, shape) -> tuple[int, int, int]:

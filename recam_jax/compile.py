@@ -1,0 +1,182 @@
+"""Plan a training run before paying for it: compile the real train step for a TPU topology here.
+
+    JAX_PLATFORMS=cpu python -m recam_jax.compile --config configs/base.py --topology v5p-8 [--config.key=value ...]
+
+Compiles `train.compile_step` (the trainer's own step, shardings and donation) ahead of time for the
+devices of a TPU topology description (needs libtpu, no TPU: nothing is allocated), or for the local
+devices without `--topology`, and prints per-device memory against the chip's HBM, the analytic
+model FLOPs of a step with its step time at a given MFU, and the collectives in the compiled program.
+
+Topologies: Cloud names `v5p-N` and `v4-N` count TensorCores (two per chip: v5p-8 = 4 chips),
+`v5e-N` and `v6e-N` count chips; they map to libtpu's `generation:AxBxC` names (`TOPOLOGIES`),
+which are also accepted as they are (e.g. `v5p:2x2x1`). Multi-host topologies compile from this one
+process. libtpu describes v4 per TensorCore (no megacore): its figures are per core, half a chip.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import sys
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from recam_jax import flops, sharding, train
+
+GiB = 2**30
+
+# Cloud accelerator name → libtpu topology name (chips laid out x×y×z; v5e/v6e are 2-D).
+TOPOLOGIES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x4x2", "v5p-64": "v5p:4x4x2",
+    "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
+    "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4",
+    "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public per-chip figures: HBM and peak dense bf16 matmul throughput."""
+
+    hbm_gib: float
+    peak_tflops: float
+
+
+# Keyed by jax's `device_kind`.
+CHIPS = {
+    "TPU v4": Chip(hbm_gib=32, peak_tflops=275),
+    "TPU v5": Chip(hbm_gib=95, peak_tflops=459),  # v5p
+    "TPU v5 lite": Chip(hbm_gib=16, peak_tflops=197),  # v5e
+    "TPU v6 lite": Chip(hbm_gib=32, peak_tflops=918),  # v6e (Trillium)
+}
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# An HLO instruction (not its `-done` half, not a name like %all-gather.3): the opcode then "(".
+_COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one compiled train step needs per device, and what it would cost."""
+
+    devices: int
+    device_kind: str
+    mesh: dict[str, int]
+    memory_bytes: dict[str, int]  # arguments, outputs, aliased, temporaries, generated code, total, host
+    device_memory_bytes: float | None  # HBM of one device, when known
+    peak_tflops_per_device: float
+    train_flops: float  # analytic model FLOPs of one step, all devices together
+    collectives: dict[str, int]  # static count of each collective in the HLO (loop bodies once)
+
+    def step_seconds(self, mfu: float) -> float:
+        """Step time if the devices ran the model FLOPs at this fraction of their peak."""
+        return self.train_flops / (self.devices * self.peak_tflops_per_device * 1e12 * mfu)
+
+
+def topology_devices(name: str):
+    """The devices of a TPU topology description, from a Cloud name (v5p-8) or a libtpu one (v5p:2x2x1)."""
+    from jax.experimental import topologies
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling takes no chip, nor libtpu's lock
+    libtpu_name = TOPOLOGIES.get(name, name)
+    if ":" not in libtpu_name:
+        raise ValueError(f"unknown topology {name!r}: use one of {sorted(TOPOLOGIES)} or a libtpu name like v5p:2x2x1")
+    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices
+
+
+def device_chip(devices) -> tuple[Chip | None, int]:
+    """The chip of these devices (None off TPU) and how many devices share one chip."""
+    chip = CHIPS.get(devices[0].device_kind)
+    if chip is None:
+        return None, 1
+    chips = {tuple(d.coords) for d in devices}
+    return chip, len(devices) // len(chips)
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Collective instructions by kind in an HLO module's text (each loop body counted once)."""
+    counts = collections.Counter(m.group(1) for m in _COLLECTIVE_OP.finditer(hlo_text))
+    return {kind: counts[kind] for kind in COLLECTIVES}
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+    """Per-device memory of a compiled program; donated arguments alias their outputs."""
+    m = compiled.memory_analysis()
+    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "generated code": m.generated_code_size_in_bytes}
+    sizes["total"] = (sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+                      + sizes["generated code"])
+    sizes["host temporaries (offload)"] = m.host_temp_size_in_bytes  # pinned host memory, not in total
+    return sizes
+
+
+def local_device_memory(device) -> float | None:
+    """Memory limit of a local accelerator as the runtime reports it (None on CPU)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def plan(config, devices=None) -> Plan:
+    """Compiles the config's train step for `devices` (default: the local ones) and sizes it up."""
+    devices = jax.devices() if devices is None else list(devices)
+    train.check_config(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
+        compiled = train.compile_step(config, mesh)[0]
+    chip, devices_per_chip = device_chip(devices)
+    if chip is None:
+        device_memory, peak = local_device_memory(devices[0]), config.peak_tflops_per_device
+    else:
+        device_memory, peak = chip.hbm_gib * GiB / devices_per_chip, chip.peak_tflops / devices_per_chip
+    return Plan(
+        devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+        memory_bytes=memory_bytes(compiled), device_memory_bytes=device_memory, peak_tflops_per_device=peak,
+        train_flops=flops.train_step_flops(train.model_config(config), config.data.latent_shape,
+                                           config.data.text_len, config.trainable, config.data.batch_size),
+        collectives=count_collectives(compiled.as_text()))
+
+
+def report(p: Plan, mfus=(1.0, 0.5)) -> str:
+    """The plan as markdown tables."""
+    lines = [f"{p.devices} × {p.device_kind}, mesh {p.mesh}", "",
+             "| per device | GiB |", "|---|---|"]
+    lines += [f"| {name} | {size / GiB:.2f} |" for name, size in p.memory_bytes.items()]
+    if p.device_memory_bytes:
+        headroom = 1 - p.memory_bytes["total"] / p.device_memory_bytes
+        lines.append(f"| device memory | {p.device_memory_bytes / GiB:.2f} (headroom {headroom:.0%}) |")
+    lines += ["", f"model FLOPs per step: {p.train_flops:.4g} (peak {p.peak_tflops_per_device:g} TFLOP/s per device)",
+              "", "| MFU | step time s |", "|---|---|"]
+    lines += [f"| {mfu:.0%} | {p.step_seconds(mfu):.3g} |" for mfu in mfus]
+    lines += ["", "| collective | count in HLO |", "|---|---|"]
+    lines += [f"| {kind} | {n} |" for kind, n in p.collectives.items()]
+    return "\n".join(lines)
+
+
+# --config and its --config.key=value overrides are the trainer's flag (defined by importing train).
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology to compile for, a Cloud name (v5p/v4 count TensorCores, v5e/v6e chips) → "
+    f"libtpu name: {', '.join(f'{k} → {v}' for k, v in TOPOLOGIES.items())}; or a libtpu name like v5p:2x2x1. "
+    "Default: the local devices.")
+
+
+def main(argv) -> None:
+    del argv
+    config = flags.FLAGS.config
+    if config is None:
+        raise app.UsageError("--config is required")
+    devices = topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
+    try:
+        print(report(plan(config, devices)), flush=True)
+    except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program over HBM
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        sys.exit(f"does not fit: {str(error).splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    app.run(main)
