@@ -4,7 +4,9 @@
         --config.init_from=/path/to/Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors \
         --config.data.source=tfrecord --config.data.path=/path/to/shards
 
-Hardware: a TPU v5p-8 or larger, or a GPU with ≥ 80 GB; one example is 65,520 tokens.
+Hardware: a TPU v5p-8 (4 chips, one example each, fsdp over all): 16.1 GiB per chip in the AOT plan
+of docs/scale.md (`python -m recam_jax.compile --config configs/base.py --topology v5p-8`). On GPUs
+use `--config.model.attention=cudnn`. One example is 65,520 tokens.
 Recipe: the paper's (camera modules + self-attention trained, AdamW 1e-4, T2V/I2V/V2V mixing).
 """
 
@@ -26,8 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     # Per-block rematerialisation: none, full, save_dots.
     c.model.remat = "full"
-    # Attention backend (recam_jax/models/attention.py).
-    c.model.attention = "xla"
+    # Attention backend (recam_jax/models/attention.py): splash (TPU kernel), cudnn (GPU), xla
+    # (reference; materialises L×L logits), ring / ulysses / ulysses_splash (context parallel).
+    c.model.attention = "splash"
 
     # PyTorch weights (Wan2.1, diffusers or ReCamMaster layout) or a recam_jax params folder to
     # start from; empty = random init. Camera modules start at their official init when absent.
@@ -77,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Folder of prepared shards (tfrecord source).
     c.data.path = ""
     # Global batch size (examples per optimizer step, all hosts together).
-    c.data.batch_size = 8
+    c.data.batch_size = 4
     # One half's latent shape: (frames, height, width, channels); 81×480×832 video → 21×60×104.
     c.data.latent_shape = (21, 60, 104, 16)
     # Text tokens after padding, and the text encoder width (umT5-XXL: 4096).
@@ -92,8 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Mesh axis sizes; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     c.mesh.context = 1
     c.mesh.tensor = 1
     # Logical-axis rule set of recam_jax/sharding.py (default, replicated, tensor_only).

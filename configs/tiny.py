@@ -15,6 +15,7 @@ def get_config():
     c.model.variant = "tiny"
     c.model.dtype = "float32"
     c.model.remat = "none"
+    c.model.attention = "xla"
     c.trainable = "all"
     c.optimizer.learning_rate = 3e-3
     c.optimizer.end_learning_rate = 3e-4
@@ -22,6 +23,8 @@ def get_config():
     c.optimizer.schedule = "cosine"
     c.optimizer.decay_steps = 280
     c.data.batch_size = 8
+    c.mesh.data = -1  # data parallel over whatever devices there are
+    c.mesh.fsdp = 1
     c.data.latent_shape = (4, 8, 8, 16)
     c.data.text_len = 16
     c.data.text_dim = 32
