@@ -24,6 +24,7 @@ import numpy as np
 from data_pipeline import cameras, schema, shards, tfrecord
 from data_pipeline.multicam import NUM_CAMERAS
 from data_pipeline.schema import RECORDS_PER_SCENE
+from data_pipeline.text_encoder import pad_text
 from data_pipeline.tfrecord import CorruptRecordError
 
 TIMESTEPS = 1000  # the trainer's timestep grid; eval examples index into it
@@ -107,13 +108,6 @@ class ExampleLoader:
             raise CorruptRecordError(f"{where}: holds {found}, expected {scene_id} cam{camera:02d}")
         return record
 
-    def _text(self, text_embeds: np.ndarray) -> tuple[np.ndarray, int]:
-        """Text embedding zero-padded (or truncated) to text_len, as float32, and its real length."""
-        length = min(len(text_embeds), self.text_len)
-        padded = np.zeros((self.text_len, text_embeds.shape[1]), np.float32)
-        padded[:length] = text_embeds[:length]
-        return padded, length
-
     def load(self, scene: int, target: int, source: int) -> dict[str, np.ndarray]:
         """One example; cameras are numbered 1..10."""
         location = self.scenes[scene]
@@ -121,7 +115,7 @@ class ExampleLoader:
         text = schema.parse_scene(text_record, self.reader.shapes, _where(self.reader, location, 0))
         target_record = self._camera(location, text["scene"], target)
         source_record = self._camera(location, text["scene"], source)
-        text_embeds, text_length = self._text(text["text_embeds"])
+        text_embeds, text_length = pad_text(text["text_embeds"], self.text_len)
         return {
             "target_latents": target_record["latents"].astype(np.float32),
             "source_latents": source_record["latents"].astype(np.float32),

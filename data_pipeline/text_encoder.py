@@ -42,6 +42,15 @@ class TextEncoder:
         return hidden[0].float().numpy()
 
 
+def pad_text(embedding: np.ndarray, text_len: int) -> tuple[np.ndarray, int]:
+    """A real-length caption embedding zero-padded (or truncated) to `text_len` tokens, as float32,
+    and its real length: Wan's convention, zeros past the caption."""
+    length = min(len(embedding), text_len)
+    padded = np.zeros((text_len, embedding.shape[-1]), np.float32)
+    padded[:length] = embedding[:length]
+    return padded, length
+
+
 def write_tiny_umt5(model_dir: str, words: list[str], seed: int = 0) -> None:
     """A random 2-layer umT5 and a word-level tokenizer over `words`, saved for `TextEncoder`."""
     import torch

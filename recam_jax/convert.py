@@ -168,7 +168,8 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
 
 
 def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
-    return to_torch_layout(np.empty(flax_shape, np.bool_), kind).shape
+    axes = TORCH_AXES[kind]
+    return tuple(flax_shape) if axes is None else tuple(flax_shape[a] for a in axes)
 
 
 def export_weights(model: WanDiT, layout: str, dtype=None) -> dict[str, np.ndarray]:

@@ -55,13 +55,6 @@ def sample_with_params(graphdef, params, noise, source, text, negative_text, cam
     return euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance)
 
 
-def pad_text(embedding: np.ndarray, text_len: int) -> np.ndarray:
-    """A real-length caption embedding zero-padded to `text_len` tokens (Wan's convention)."""
-    padded = np.zeros((text_len, embedding.shape[-1]), np.float32)
-    padded[: min(len(embedding), text_len)] = embedding[:text_len]
-    return padded
-
-
 def main(argv=None) -> None:
     from data_pipeline import cameras, multicam, text_encoder, video, video_encoder
 
@@ -92,7 +85,8 @@ def main(argv=None) -> None:
     trajectory = multicam.read_extrinsics(args.trajectory, args.num_frames)[args.camera - 1]
     camera = cameras.inference_camera(trajectory)[None]
     encode_text = text_encoder.TextEncoder(args.text_encoder_dir, args.text_len)
-    text, negative = (pad_text(encode_text(c), args.text_len)[None] for c in (args.caption, args.negative_caption))
+    text, negative = (text_encoder.pad_text(encode_text(c), args.text_len)[0][None]
+                      for c in (args.caption, args.negative_caption))
 
     graphdef, params = nnx.split(convert.load_any(args.params, num_heads=args.num_heads, dtype="bfloat16"))
     noise = jax.random.normal(jax.random.key(args.seed), source.shape, jnp.float32)

@@ -160,7 +160,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
         ema=keep(ema, state.ema),
         skipped_nonfinite=state.skipped_nonfinite + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step), "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step), "finite": finite,
+               "skipped_nonfinite": new_state.skipped_nonfinite}
     return new_state, metrics
 
 
@@ -306,7 +307,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
             elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
             seconds = elapsed / (step - last_log)
             last_log = step
-            writer.write(step, _scalars(metrics, state, seconds, config, train_flops, tokens_per_example))
+            writer.write(step, _scalars(metrics, seconds, config, train_flops, tokens_per_example))
         if config.eval_every and step % config.eval_every == 0:
             writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
         checkpoint.save(manager, step, state, data_iterator, force=preemption.requested)
@@ -337,7 +338,7 @@ def export(graphdef, state: TrainState, config, workdir: str) -> str:
     return path
 
 
-def _scalars(metrics, state, seconds_per_step, config, train_flops, tokens_per_example) -> dict:
+def _scalars(metrics, seconds_per_step, config, train_flops, tokens_per_example) -> dict:
     examples_per_second = config.data.batch_size / seconds_per_step
     tflops_per_device = train_flops / seconds_per_step / jax.device_count() / 1e12
     return {
@@ -345,7 +346,7 @@ def _scalars(metrics, state, seconds_per_step, config, train_flops, tokens_per_e
         "learning_rate": float(metrics["learning_rate"]), "step_time_s": seconds_per_step,
         "examples_per_s": examples_per_second, "tokens_per_s": examples_per_second * tokens_per_example,
         "tflops_per_device": tflops_per_device, "mfu": tflops_per_device / config.peak_tflops_per_device,
-        "skipped_nonfinite": int(state.skipped_nonfinite),
+        "skipped_nonfinite": int(metrics["skipped_nonfinite"]),
     }
 
 
