@@ -203,11 +203,21 @@ def to_global(batch: dict, data_sharding: NamedSharding) -> dict:
 
 
 class Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly between steps."""
+    """Remembers a SIGTERM so the loop can save and exit cleanly between steps.
+
+    A context manager: the previous SIGTERM handler is back once training returns or raises.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous_handler = None
+
+    def __enter__(self):
+        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGTERM, self._previous_handler)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -260,12 +270,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Runs (or resumes) training in `workdir` until `config.steps`; returns the final state."""
     check_config(config)
     mesh = make_mesh(config)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
-        return _train_on_mesh(config, workdir, mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)), \
+            Preemption() as preemption:
+        return _train_on_mesh(config, workdir, mesh, preemption)
 
 
-def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
-    preemption = Preemption()
+def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
     writer = MetricWriter(workdir)
     data_iterator = make_data_iterator(config)
     tx = optim.make_optimizer(config.optimizer)
@@ -310,10 +320,11 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh) -> TrainState:
             writer.write(step, _scalars(metrics, seconds, config, train_flops, tokens_per_example))
         if config.eval_every and step % config.eval_every == 0:
             writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
-        checkpoint.save(manager, step, state, data_iterator, force=preemption.requested)
+        stop = preemption.requested  # read once: a SIGTERM landing after the save waits for the next step
+        checkpoint.save(manager, step, state, data_iterator, force=stop)
         if config.export_every and step % config.export_every == 0:
             export(graphdef, state, config, workdir)
-        if preemption.requested:
+        if stop:
             manager.wait_until_finished()
             print(f"SIGTERM: saved step {step}, exiting", flush=True)
             sys.exit(0)

@@ -160,6 +160,26 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert manager.latest_step() == saved
 
 
+def test_sigterm_arriving_just_after_a_save_is_saved_at_the_next_step(tmp_path, monkeypatch, capsys):
+    """The signal lands between step 3's (skipped) save and the exit check: step 4 must be saved."""
+    real_save = checkpoint.save
+
+    def save_then_sigterm(manager, step, *args, **kwargs):
+        started = real_save(manager, step, *args, **kwargs)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return started
+
+    monkeypatch.setattr(checkpoint, "save", save_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        train.train(tiny_config(steps=100, checkpoint_every=1000), str(tmp_path))
+    assert exited.value.code == 0 and "SIGTERM: saved step 4, exiting" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    manager = checkpoint.make_manager(str(tmp_path), every=1000, keep_last=3, keep_every=0)
+    assert manager.latest_step() == 4
+
+
 def poison_batch(at):
     """A map over batches that fills batch number `at` (1-based) with NaN."""
     count = [0]
