@@ -138,11 +138,14 @@ def abstract_model(cfg: DiTConfig) -> WanDiT:
     return nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
 
 
-def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint") -> WanDiT:
+def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
+                   on_host: bool = False) -> WanDiT:
     """A Flax model holding the weights of a PyTorch state dict (any layout), tensor by tensor.
 
     The checkpoint must match `cfg` exactly (every missing, unexpected or wrong-shaped tensor is
-    listed); camera modules absent from the checkpoint start at their official init.
+    listed); camera modules absent from the checkpoint start at their official init. With
+    `on_host` the weights stay numpy arrays in host memory, for the caller to place shard by shard
+    (a 14B model does not fit on the one default device).
     """
     layout = detect_layout(state_dict)
     name_of = (lambda w: w.diffusers) if layout == "diffusers" else (lambda w: w.wan)
@@ -155,6 +158,7 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
                 if has_camera or w.path[-2] not in CAMERA_INIT}
     found = getattr(state_dict, "shapes", None) or {k: tuple(v.shape) for k, v in state_dict.items()}
     torch_io.check_names_and_shapes(source, expected, found)
+    to_array = np.asarray if on_host else jnp.asarray
     for w in table:
         variable = flat[w.path]
         if name_of(w) in state_dict:
@@ -162,7 +166,7 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
         else:  # a camera module the checkpoint lacks
             init = CAMERA_INIT[w.path[-2]] if w.path[-1] == "kernel" else nnx.initializers.zeros
             value = init(None, variable.shape, variable.dtype)
-        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+        variable.set_value(to_array(value, dtype=variable.dtype))
     nnx.update(model, state)
     return model
 
@@ -206,14 +210,16 @@ def _is_diffusers_dir(path: str) -> bool:
         os.path.join(path, DIFFUSERS_WEIGHTS))
 
 
-def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides) -> WanDiT:
+def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,
+                 **overrides) -> WanDiT:
     """A Flax model from any PyTorch DiT checkpoint (file, sharded index, or diffusers folder).
 
     With `cfg` the checkpoint must match it; without, the size is read off the tensor shapes.
+    `on_host`: as in `import_weights`.
     """
     state_dict = torch_io.open_state_dict(path)
     cfg = cfg or infer_config(state_dict.shapes, num_heads=num_heads, **overrides)
-    return import_weights(state_dict, cfg, source=path)
+    return import_weights(state_dict, cfg, source=path, on_host=on_host)
 
 
 def save_pytorch(model: WanDiT, path: str, dtype=None) -> None:
@@ -247,8 +253,11 @@ def save_orbax(model: WanDiT, path: str) -> None:
         json.dump(dataclasses.asdict(model.cfg), f, indent=2)
 
 
-def load_orbax(path: str, cfg: DiTConfig | None = None, **overrides) -> WanDiT:
-    """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config)."""
+def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
+    """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config).
+
+    `on_host`: the weights are restored as numpy arrays in host memory, as in `import_weights`.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -260,17 +269,20 @@ def load_orbax(path: str, cfg: DiTConfig | None = None, **overrides) -> WanDiT:
     cfg = cfg or DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
     model = abstract_model(cfg)
     abstract_params = nnx.state(model, nnx.Param)
+    if on_host:  # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
+        abstract_params = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(path, "params"), abstract_params)
     nnx.update(model, params)
     return model
 
 
-def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides) -> WanDiT:
-    """A model from a PyTorch checkpoint or a recam_jax orbax folder."""
+def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,
+             **overrides) -> WanDiT:
+    """A model from a PyTorch checkpoint or a recam_jax orbax folder (`on_host`: numpy weights)."""
     if _is_torch_path(path):
-        return load_pytorch(path, cfg, num_heads=num_heads, **overrides)
-    return load_orbax(path, cfg, **overrides)
+        return load_pytorch(path, cfg, num_heads=num_heads, on_host=on_host, **overrides)
+    return load_orbax(path, cfg, on_host=on_host, **overrides)
 
 
 def main(argv=None) -> None:
@@ -280,7 +292,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128, as Wan)")
     parser.add_argument("--dtype", default=None, help="dtype of exported PyTorch tensors (default: as stored)")
     args = parser.parse_args(argv)
-    model = load_any(args.input, num_heads=args.num_heads)
+    model = load_any(args.input, num_heads=args.num_heads, on_host=True)  # conversion never needs a device
     if _is_torch_path(args.output):
         save_pytorch(model, args.output, dtype=args.dtype)
     else:

@@ -102,6 +102,11 @@ def split_model(model: WanDiT, trainable: str):
 def new_state(model: WanDiT, config, tx) -> TrainState:
     """A step-0 train state around a model's parameters."""
     _, trainable, frozen = split_model(model, config.trainable)
+    return state_around(trainable, frozen, config, tx)
+
+
+def state_around(trainable, frozen, config, tx) -> TrainState:
+    """A step-0 train state around split parameters (fresh moments, EMA = the parameters)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(config.seed)),
@@ -278,7 +283,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
     writer = MetricWriter(workdir)
     data_iterator = make_data_iterator(config)
-    tx = optim.make_optimizer(config.optimizer)
 
     # Abstract state first; real arrays are only ever created on their shardings.
     cfg = model_config(config)
@@ -292,8 +296,8 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     state = checkpoint.restore_latest(manager, abstract_on_mesh, data_iterator)
     if state is not None:
         print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
-    elif config.init_from:  # weights on disk: read tensor by tensor on the host, then placed on the mesh
-        state = jax.device_put(new_state(convert.load_any(config.init_from, cfg=cfg), config, tx), shardings)
+    elif config.init_from:
+        state = state_from_weights(config.init_from, config, shardings)
     else:
         state = jax.jit(init_fn(config), out_shardings=shardings)()
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))
@@ -333,6 +337,16 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         export(graphdef, state, config, workdir)
     writer.close()
     return state
+
+
+def state_from_weights(path: str, config, shardings) -> TrainState:
+    """A step-0 state around the weights at `path`, each array read on the host and sent to the
+    devices straight as its shards (never whole onto one device); moments are created sharded."""
+    model = convert.load_any(path, cfg=model_config(config), on_host=True)
+    _, trainable, frozen = split_model(model, config.trainable)
+    trainable, frozen = jax.device_put((trainable, frozen), (shardings.trainable, shardings.frozen))
+    around = functools.partial(state_around, config=config, tx=optim.make_optimizer(config.optimizer))
+    return jax.jit(around, out_shardings=shardings)(trainable, frozen)
 
 
 def evaluate(config, eval_fn, state, data_sharding) -> float:

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from recam_jax import checkpoint, convert, optim, train
+from recam_jax import checkpoint, convert, optim, sharding, train
 from recam_jax.models.dit import WanDiT
 from tests.conftest import REPO
 
@@ -94,8 +94,8 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), every=4, keep_last=1, keep_every=0)
     data_iterator = train.make_data_iterator(config)
     restored = checkpoint.restore_latest(manager, target, data_iterator)
-    for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
-        assert got.sharding == sharding
+    for got, want, want_sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
+        assert got.sharding == want_sharding
         np.testing.assert_array_equal(got, want)
     q_kernel = restored.trainable["blocks"][0]["self_attn"]["q"]["kernel"][...]
     assert q_kernel.sharding.spec[0] == "fsdp"
@@ -106,6 +106,47 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     for _ in range(4):
         next(fresh)
     assert leaves_equal(next(data_iterator), next(fresh))
+
+
+def random_model(config, seed: int) -> WanDiT:
+    """A tiny model whose every weight is random (camera modules included, unlike their init)."""
+    graphdef, params = nnx.split(WanDiT(train.model_config(config), rngs=nnx.Rngs(0)))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def save_weights(model, path: str) -> str:
+    (convert.save_pytorch if path.endswith(".ckpt") else convert.save_orbax)(model, path)
+    return path
+
+
+@pytest.mark.parametrize("file_name", ["recammaster.ckpt", "params_orbax"])
+def test_init_from_weights_sends_each_array_straight_to_its_shards(tmp_path, file_name):
+    config = tiny_config(trainable="camera+self_attn", max_unsharded_fraction=0.05,
+                         **{"mesh.data": 1, "mesh.fsdp": -1, "optimizer.ema_decay": 0.9})
+    source = random_model(config, seed=7)
+    path = save_weights(source, str(tmp_path / file_name))
+    # Read into host memory, not onto the default device (where a 14B model does not fit) ...
+    on_host = convert.load_any(path, train.model_config(config), on_host=True)
+    assert all(type(leaf) is np.ndarray for leaf in jax.tree.leaves(nnx.state(on_host)))
+    # ... then sent to the devices as shards.
+    mesh = train.make_mesh(config)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
+        shardings = train.state_shardings(jax.eval_shape(train.init_fn(config)), mesh, config)
+        state = train.state_from_weights(path, config, shardings)
+    for leaf, leaf_sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert leaf.sharding == leaf_sharding
+    assert leaves_equal(state, train.new_state(source, config, optim.make_optimizer(config.optimizer)))
+
+
+def test_training_from_weights_starts_from_them(tmp_path):
+    config = tiny_config(steps=2, trainable="camera")
+    source = random_model(config, seed=3)
+    config.init_from = save_weights(source, str(tmp_path / "wan.ckpt"))
+    final = train.train(config, str(tmp_path / "run"))
+    assert leaves_equal(final.frozen, train.split_model(source, "camera")[2])
 
 
 def run_trainer(workdir, *overrides, wait=True):
