@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from recam_jax import torch_io
@@ -171,6 +172,14 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
     return model
 
 
+def _whole_on_host(array) -> np.ndarray:
+    """The whole array in this host's memory; an array sharded over several hosts is gathered
+    (a collective: every process must make the same calls)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
 def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
     axes = TORCH_AXES[kind]
     return tuple(flax_shape) if axes is None else tuple(flax_shape[a] for a in axes)
@@ -188,7 +197,7 @@ def export_weights(model: WanDiT, layout: str, dtype=None) -> dict[str, np.ndarr
     for w in weight_table(model.cfg):
         if layout == "wan" and w.path[-2] in CAMERA_INIT:
             continue
-        array = np.asarray(jax.device_get(flat[w.path][...]))
+        array = _whole_on_host(flat[w.path][...])
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
         out[w.diffusers if layout == "diffusers" else w.wan] = np.ascontiguousarray(to_torch_layout(array, w.kind))
@@ -223,13 +232,21 @@ def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None 
 
 
 def save_pytorch(model: WanDiT, path: str, dtype=None) -> None:
-    """Writes `.ckpt`/`.pth` (recammaster layout), `.safetensors` (wan layout) or a diffusers folder."""
+    """Writes `.ckpt`/`.pth` (recammaster layout), `.safetensors` (wan layout) or a diffusers folder.
+
+    In a multi-host job every process calls it (the weights are gathered) and the first one writes.
+    """
     if path.endswith(".safetensors"):
-        torch_io.save_state_dict(export_weights(model, "wan", dtype), path)
+        layout, weights_file = "wan", path
     elif path.endswith(torch_io.PICKLE_SUFFIXES):
-        torch_io.save_state_dict(export_weights(model, "recammaster", dtype), path)
+        layout, weights_file = "recammaster", path
     else:
-        torch_io.save_state_dict(export_weights(model, "diffusers", dtype), os.path.join(path, DIFFUSERS_WEIGHTS))
+        layout, weights_file = "diffusers", os.path.join(path, DIFFUSERS_WEIGHTS)
+    state_dict = export_weights(model, layout, dtype)
+    if jax.process_index() != 0:
+        return
+    torch_io.save_state_dict(state_dict, weights_file)
+    if layout == "diffusers":
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(diffusers_config(model.cfg), f, indent=2)
 

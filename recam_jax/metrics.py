@@ -9,23 +9,32 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl`."""
+    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl`.
 
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    With `write_files=False` (every process of a multi-host job but the first) only the line is
+    printed, so the shared workdir gets one copy of each file.
+    """
+
+    def __init__(self, workdir: str, write_files: bool = True):
+        self.tensorboard = self.jsonl = None
+        if write_files:
+            os.makedirs(workdir, exist_ok=True)
+            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         print(f"step {step:>7d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
+        if self.jsonl is None:
+            return
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:
-        self.tensorboard.close()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.tensorboard.close()
+            self.jsonl.close()
 
 
 def _fmt(value: float) -> str:

@@ -135,14 +135,24 @@ def _launched_on_many_hosts(env: Mapping[str, str]) -> bool:
 
 
 def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
-                                 initialize: Callable[[], None] = jax.distributed.initialize) -> bool:
+                                 initialize: Callable[..., None] = jax.distributed.initialize) -> bool:
     """Starts the JAX multi-host runtime when launched on several hosts (auto-detected, no flags).
 
+    JAX detects the cluster (TPU pod, Slurm, Open MPI); a hand-made launch sets
+    JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
     Must run before anything touches the devices; a no-op (returns False) on one host.
     """
-    if not _launched_on_many_hosts(os.environ if env is None else env):
+    env = os.environ if env is None else env
+    if not _launched_on_many_hosts(env):
         return False
-    initialize()
+    layout = {}
+    if "JAX_NUM_PROCESSES" in env or "JAX_PROCESS_ID" in env:
+        try:
+            layout = dict(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError) as e:
+            raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must both be set to integers, got "
+                             f"{env.get('JAX_NUM_PROCESSES')!r} and {env.get('JAX_PROCESS_ID')!r}") from e
+    initialize(**layout)
     return True
 
 

@@ -281,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
     data_iterator = make_data_iterator(config)
 
     # Abstract state first; real arrays are only ever created on their shardings.
@@ -359,7 +359,8 @@ def export(graphdef, state: TrainState, config, workdir: str) -> str:
     """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference."""
     path = os.path.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
     convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path)
-    print(f"exported {path}", flush=True)
+    if jax.process_index() == 0:  # the one that wrote it
+        print(f"exported {path}", flush=True)
     return path
 
 

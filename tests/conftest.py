@@ -21,3 +21,20 @@ def fixtures_dir():
     if not os.path.isdir(FIXTURES):
         pytest.skip(f"optional fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+def tiny_config(**fields):
+    """configs/tiny.py logging every step, no eval, rare checkpoints; `fields` override (dotted keys)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint_every = 1000
+    for dotted, value in fields.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config

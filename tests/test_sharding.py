@@ -73,8 +73,17 @@ def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
     ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "4"}, True), ({"JAX_COORDINATOR_ADDRESS": "h0:1234"}, True)])
 def test_distributed_initialize_only_on_multi_host_launches(env, multi_host):
     calls = []
-    assert sharding.maybe_initialize_distributed(env, initialize=lambda: calls.append(1)) == multi_host
-    assert len(calls) == multi_host
+    assert sharding.maybe_initialize_distributed(env, initialize=lambda **kw: calls.append(kw)) == multi_host
+    assert calls == [{}] * multi_host  # the cluster is left to JAX's auto-detection
+
+
+def test_hand_made_launch_passes_its_process_layout():
+    calls = []
+    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    sharding.maybe_initialize_distributed(env, initialize=lambda **kw: calls.append(kw))
+    assert calls == [{"num_processes": 2, "process_id": 1}]
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        sharding.maybe_initialize_distributed({**env, "JAX_PROCESS_ID": "one"}, initialize=lambda **kw: None)
 
 
 # Rules, parameter shardings and the guard

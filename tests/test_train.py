@@ -17,21 +17,7 @@ from flax import nnx
 from configs import tiny
 from recam_jax import checkpoint, convert, optim, sharding, train
 from recam_jax.models.dit import WanDiT
-from tests.conftest import REPO
-
-
-def tiny_config(**fields):
-    config = tiny.get_config()
-    config.log_every = 1
-    config.eval_every = 0
-    config.checkpoint_every = 1000
-    for dotted, value in fields.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+from tests.conftest import REPO, tiny_config
 
 
 def leaves_equal(a, b) -> bool:

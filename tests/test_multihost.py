@@ -1,0 +1,76 @@
+"""A real multi-host job on one machine: two trainer processes of 4 CPU devices each, joined by
+jax.distributed (gloo collectives), training one model sharded over all 8 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from recam_jax import checkpoint, convert, sharding, train
+from tests.conftest import REPO, tiny_config
+
+OVERRIDES = {"steps": 4, "checkpoint_every": 2, "log_every": 1, "eval_every": 0, "mesh.data": 1, "mesh.fsdp": -1,
+             "max_unsharded_fraction": 0.05}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(workdir) -> list[str]:
+    """Runs the trainer as processes 0 and 1 of one job (launched by hand: the env names the layout)."""
+    command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+               *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    processes = [subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=300)[0])
+        finally:
+            process.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output
+    return outputs
+
+
+def loss_lines(output: str) -> list[str]:
+    return [line.split("| step_time_s")[0] for line in output.splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.slow
+def test_two_process_job_trains_checkpoints_and_exports_the_gathered_weights(tmp_path):
+    outputs = launch_two_processes(tmp_path)
+    assert all("devices 8 (cpu), processes 2" in output for output in outputs)
+    assert len(loss_lines(outputs[0])) == 4 and loss_lines(outputs[0]) == loss_lines(outputs[1])
+
+    # One copy of the shared files (written by process 0), the data position of both processes.
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "4" / "data")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+    # The exported .ckpt holds the step-4 parameters, gathered from both hosts' shards.
+    config = tiny_config(**OVERRIDES)
+    mesh = train.make_mesh(config)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
+        abstract = jax.eval_shape(train.init_fn(config))
+        shardings = train.state_shardings(abstract, mesh, config)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        manager = checkpoint.make_manager(str(tmp_path), every=2, keep_last=3, keep_every=0)
+        saved = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    exported = convert.load_pytorch(str(tmp_path / "exports" / "recammaster_step4.ckpt"), train.model_config(config))
+    for got, want in zip(jax.tree.leaves(nnx.state(exported, nnx.Param)), jax.tree.leaves(saved.trainable),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
