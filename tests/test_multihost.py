@@ -1,6 +1,7 @@
 """A real multi-host job on one machine: two trainer processes of 4 CPU devices each, joined by
 jax.distributed (gloo collectives), training one model sharded over all 8 devices."""
 
+import json
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from flax import nnx
 from recam_jax import checkpoint, convert, sharding, train
 from tests.conftest import REPO, tiny_config
 
-OVERRIDES = {"steps": 4, "checkpoint_every": 2, "log_every": 1, "eval_every": 0, "mesh.data": 1, "mesh.fsdp": -1,
+OVERRIDES = {"checkpoint_every": 2, "log_every": 1, "eval_every": 2, "mesh.data": 1, "mesh.fsdp": -1,
              "max_unsharded_fraction": 0.05}
 
 
@@ -25,10 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(workdir) -> list[str]:
+def launch_two_processes(workdir, steps: int) -> list[str]:
     """Runs the trainer as processes 0 and 1 of one job (launched by hand: the env names the layout)."""
     command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
-               *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+               f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
            "JAX_NUM_PROCESSES": "2"}
@@ -50,19 +51,21 @@ def loss_lines(output: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_process_job_trains_checkpoints_and_exports_the_gathered_weights(tmp_path):
-    outputs = launch_two_processes(tmp_path)
+def test_two_process_job_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
+    outputs = launch_two_processes(tmp_path, steps=4)
     assert all("devices 8 (cpu), processes 2" in output for output in outputs)
-    assert len(loss_lines(outputs[0])) == 4 and loss_lines(outputs[0]) == loss_lines(outputs[1])
+    assert len(loss_lines(outputs[0])) == 6 and loss_lines(outputs[0]) == loss_lines(outputs[1])  # 4 train, 2 eval
 
     # One copy of the shared files (written by process 0), the data position of both processes.
     with open(tmp_path / "metrics.jsonl") as f:
-        assert [int(line.split('"step": ')[1].split(",")[0]) for line in f] == [1, 2, 3, 4]
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "4" / "data")) == [
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
     # The exported .ckpt holds the step-4 parameters, gathered from both hosts' shards.
-    config = tiny_config(**OVERRIDES)
+    config = tiny_config(steps=4, **OVERRIDES)
     mesh = train.make_mesh(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
         abstract = jax.eval_shape(train.init_fn(config))
@@ -74,3 +77,8 @@ def test_two_process_job_trains_checkpoints_and_exports_the_gathered_weights(tmp
     for got, want in zip(jax.tree.leaves(nnx.state(exported, nnx.Param)), jax.tree.leaves(saved.trainable),
                          strict=True):
         np.testing.assert_array_equal(got, want)
+
+    # A restarted job resumes from step 4, each process from its own data position.
+    outputs = launch_two_processes(tmp_path, steps=6)
+    assert all("resumed from step 4" in output for output in outputs)
+    assert [line.split("|")[0].split()[1] for line in loss_lines(outputs[0]) if "| loss" in line] == ["5", "6"]
