@@ -1,13 +1,16 @@
 """TFRecord framing: round trip, index rebuild, and corruption named by shard and record."""
 
+import os
 import struct
 import tracemalloc
 
 import numpy as np
 import pytest
+from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipeline import tfrecord
 from data_pipeline.tfrecord import CorruptRecordError
+from tests.conftest import REPO
 
 LIMIT = 1 << 20
 
@@ -89,3 +92,25 @@ def test_oversized_index_span_is_refused_unread(shard):
     with open(path, "rb") as f:
         with pytest.raises(CorruptRecordError, match="exceeds the limit"):
             tfrecord.read_record(f.fileno(), 0, 1 << 40, LIMIT, f"{path} record 0")
+
+
+def test_tensorflow_written_file_reads_back_and_our_writer_writes_the_same_bytes(tmp_path):
+    """tests/golden/tensorflow_written.tfrecord was written by tf.io.TFRecordWriter (see the script
+    next to it): our reader must accept TensorFlow's framing and CRCs, our writer reproduce them."""
+    golden = os.path.join(REPO, "tests", "golden", "tensorflow_written.tfrecord")
+    offsets = tfrecord.scan_offsets(golden, LIMIT)
+    payloads = _read_all(golden, offsets)
+    assert payloads[:3] == [b"", b"x", bytes(range(256)) * 5] and len(payloads) == 4
+    example = tf_example_pb2.Example.FromString(payloads[3])  # TensorFlow's serialized tf.train.Example
+    features = example.features.feature
+    assert features["kind"].bytes_list.value == [b"camera"]
+    assert features["latents_shape"].int64_list.value == [21, 60, 104, 16]
+    assert features["focal_length_mm"].float_list.value == [24.0]
+
+    ours = str(tmp_path / "ours.tfrecord")
+    writer = tfrecord.Writer(ours)
+    for payload in payloads:
+        writer.write(payload)
+    writer.close()
+    with open(golden, "rb") as expected, open(ours, "rb") as written:
+        assert written.read() == expected.read()
