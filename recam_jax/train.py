@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
@@ -208,25 +209,36 @@ def to_global(batch: dict, data_sharding: NamedSharding) -> dict:
 
 
 class Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly between steps.
+    """A SIGTERM (preemption notice) makes the loop save at a step and exit cleanly.
 
+    One process: our handler sets a flag, read once per step. Several: the notice may reach one
+    host only, or hosts at different steps, so JAX's preemption service (started by
+    jax.distributed.initialize, it catches SIGTERM on any host) agrees on a step all of them save.
     A context manager: the previous SIGTERM handler is back once training returns or raises.
     """
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self._previous_handler = None
 
     def __enter__(self):
-        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        if jax.process_count() == 1:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc_info):
-        signal.signal(signal.SIGTERM, self._previous_handler)
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save `step` and stop (call exactly once per step, on every process)."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
 
 
 def build_step(config, mesh: Mesh, graphdef, abstract_state):
@@ -324,7 +336,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
             writer.write(step, _scalars(metrics, seconds, config, train_flops, tokens_per_example))
         if config.eval_every and step % config.eval_every == 0:
             writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
-        stop = preemption.requested  # read once: a SIGTERM landing after the save waits for the next step
+        stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
         checkpoint.save(manager, step, state, data_iterator, force=stop)
         if config.export_every and step % config.export_every == 0:
             export(graphdef, state, config, workdir)

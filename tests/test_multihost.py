@@ -3,9 +3,12 @@ jax.distributed (gloo collectives), training one model sharded over all 8 device
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -26,15 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(workdir, steps: int) -> list[str]:
-    """Runs the trainer as processes 0 and 1 of one job (launched by hand: the env names the layout)."""
+def start_two_processes(workdir, steps: int) -> list[subprocess.Popen]:
+    """Starts the trainer as processes 0 and 1 of one job (launched by hand: the env names the layout)."""
     command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
                f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
            "JAX_NUM_PROCESSES": "2"}
-    processes = [subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return [subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
+    """Each process's output, after checking that all of them exited 0."""
     outputs = []
     for process in processes:
         try:
@@ -44,6 +51,10 @@ def launch_two_processes(workdir, steps: int) -> list[str]:
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output
     return outputs
+
+
+def launch_two_processes(workdir, steps: int) -> list[str]:
+    return wait_for_success(start_two_processes(workdir, steps))
 
 
 def loss_lines(output: str) -> list[str]:
@@ -82,3 +93,19 @@ def test_two_process_job_trains_evaluates_checkpoints_exports_and_resumes(tmp_pa
     outputs = launch_two_processes(tmp_path, steps=6)
     assert all("resumed from step 4" in output for output in outputs)
     assert [line.split("|")[0].split()[1] for line in loss_lines(outputs[0]) if "| loss" in line] == ["5", "6"]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step_and_exit(tmp_path):
+    processes = start_two_processes(tmp_path, steps=100_000)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host only
+    outputs = wait_for_success(processes)
+    saved = [int(re.search(r"SIGTERM: saved step (\d+), exiting", output).group(1)) for output in outputs]
+    assert saved[0] == saved[1] >= 3
+    manager = checkpoint.make_manager(str(tmp_path), every=2, keep_last=3, keep_every=0)
+    assert manager.latest_step() == saved[0]
