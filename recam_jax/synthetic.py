@@ -60,12 +60,25 @@ def synthetic_dataset(
     process_count: int = 1,
 ) -> grain.IterDataset:
     """This host's batches: endless and reshuffled every epoch for training; for evaluation one pass
-    over held-out examples (another seed) with fixed timesteps and noise seeds."""
-    indices = grain.MapDataset.range(num_examples)[process_index::process_count]
+    over held-out examples (another seed) with fixed timesteps and noise seeds.
+
+    Every process walks the same global order and builds only its own rows of each global batch, so
+    a global batch holds the same examples whatever the number of processes (runs reproduce across
+    topologies).
+    """
+    order = grain.MapDataset.range(num_examples)
     if for_eval:
-        example = SyntheticExample(seed + 10_000, tuple(latent_shape), text_len, text_dim)
-        dataset = indices.map(lambda i: with_eval_draws(i, example(i)))
+        held_out = SyntheticExample(seed + 10_000, tuple(latent_shape), text_len, text_dim)
+
+        def make(index: int) -> dict:
+            return with_eval_draws(index, held_out(index))
     else:
         example = SyntheticExample(seed, tuple(latent_shape), text_len, text_dim)
-        dataset = indices.shuffle(seed=seed).repeat(None).map(example)
-    return dataset.batch(batch_size, drop_remainder=True).to_iter_dataset()
+        order, make = order.shuffle(seed=seed).repeat(None), example
+    mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    global_batches = order.batch(batch_size * process_count, drop_remainder=True)
+    return global_batches.map(lambda indices: _stack([make(int(i)) for i in indices[mine]])).to_iter_dataset()
+
+
+def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}

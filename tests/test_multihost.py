@@ -57,6 +57,20 @@ def launch_two_processes(workdir, steps: int) -> list[str]:
     return wait_for_success(start_two_processes(workdir, steps))
 
 
+def launch_one_process(workdir, steps: int) -> str:
+    """The same job as one process owning all 8 devices."""
+    command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+               f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return wait_for_success([subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True)])[0]
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def loss_lines(output: str) -> list[str]:
     return [line.split("| step_time_s")[0] for line in output.splitlines() if line.startswith("step ")]
 
@@ -68,8 +82,7 @@ def test_two_process_job_trains_evaluates_checkpoints_exports_and_resumes(tmp_pa
     assert len(loss_lines(outputs[0])) == 6 and loss_lines(outputs[0]) == loss_lines(outputs[1])  # 4 train, 2 eval
 
     # One copy of the shared files (written by process 0), the data position of both processes.
-    with open(tmp_path / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "4" / "data")) == [
@@ -88,6 +101,16 @@ def test_two_process_job_trains_evaluates_checkpoints_exports_and_resumes(tmp_pa
     for got, want in zip(jax.tree.leaves(nnx.state(exported, nnx.Param)), jax.tree.leaves(saved.trainable),
                          strict=True):
         np.testing.assert_array_equal(got, want)
+
+    # The same job on one process (same global batches, same mesh): the same losses and weights.
+    launch_one_process(tmp_path / "one_process", steps=4)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        two, one = ([r[key] for r in records_ if key in r] for records_ in (records, read_metrics(tmp_path / "one_process")))
+        np.testing.assert_allclose(two, one, rtol=1e-5, err_msg=key)
+    one_process = convert.load_pytorch(str(tmp_path / "one_process" / "exports" / "recammaster_step4.ckpt"),
+                                       train.model_config(config))
+    for got, want in zip(jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(nnx.state(one_process)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     # A restarted job resumes from step 4, each process from its own data position.
     outputs = launch_two_processes(tmp_path, steps=6)
