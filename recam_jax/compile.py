@@ -85,7 +85,11 @@ def topology_devices(name: str):
     libtpu_name = TOPOLOGIES.get(name, name)
     if ":" not in libtpu_name:
         raise ValueError(f"unknown topology {name!r}: use one of {sorted(TOPOLOGIES)} or a libtpu name like v5p:2x2x1")
-    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices
+    # libtpu assumes hosts of 2x2x1 chips; a smaller slice (v5e-1) is its own host.
+    dims = [int(d) for d in libtpu_name.split(":")[1].split("x")] + [1]
+    host_bounds = [min(dim, default) for dim, default in zip(dims, (2, 2, 1))]
+    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
+                                        chips_per_host_bounds=host_bounds).devices
 
 
 def device_chip(devices) -> tuple[Chip | None, int]:

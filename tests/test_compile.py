@@ -10,7 +10,7 @@ import pytest
 from recam_jax import compile as planner
 from tests.conftest import REPO
 from tests.test_attention import tpu_topology
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config
 
 
 def check_figures(plan):
@@ -85,3 +85,13 @@ def test_cli_prints_memory_flops_and_collectives():
 def test_cli_rejects_an_unknown_override():
     result = run_cli("--config.model.no_such_field=1")
     assert result.returncode != 0 and "no_such_field" in result.stderr
+
+
+def test_cli_says_when_the_step_does_not_fit_a_chip():
+    tpu_topology("v5p:2x2x1")  # skips, saying why, without libtpu
+    assert len(planner.topology_devices("v5e-1")) == 1  # a slice smaller than one host
+    # Full attention over 2 x 8 x 32 x 32 tokens: ~32 GiB of scores for a 16 GiB v5e chip.
+    result = run_cli("--topology", "v5e-1", "--config.mesh.data=1", "--config.data.batch_size=4",
+                     "--config.data.latent_shape=(8,64,64,16)")
+    assert result.returncode != 0
+    assert "does not fit: RESOURCE_EXHAUSTED" in result.stderr and "HBM" in result.stderr, result.stderr[-2000:]

@@ -14,7 +14,7 @@ from flax import nnx
 
 from recam_jax import sharding, train
 from recam_jax.models import dit
-from tests.test_train import tiny_config
+from tests.conftest import tiny_config
 
 STEPS = 3
 TOLERANCE = 1e-5  # relative L2 error per parameter, float32
