@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from recam_jax import torch_io
 from recam_jax.models.dit import CAMERA_INIT, DiTConfig, WanDiT
