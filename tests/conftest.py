@@ -38,3 +38,11 @@ def tiny_config(**fields):
             node = node[name]
         node[leaf] = value
     return config
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The records a training run wrote to WORKDIR/metrics.jsonl, in order."""
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -1,7 +1,6 @@
 """A real multi-host job on one machine: two trainer processes of 4 CPU devices each, joined by
 jax.distributed (gloo collectives), training one model sharded over all 8 devices."""
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ import pytest
 from flax import nnx
 
 from recam_jax import checkpoint, convert, sharding, train
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, read_metrics, tiny_config
 
 OVERRIDES = {"checkpoint_every": 2, "log_every": 1, "eval_every": 2, "mesh.data": 1, "mesh.fsdp": -1,
              "max_unsharded_fraction": 0.05}
@@ -29,15 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_processes(workdir, steps: int) -> list[subprocess.Popen]:
-    """Starts the trainer as processes 0 and 1 of one job (launched by hand: the env names the layout)."""
+def start_trainer(workdir, steps: int, env: dict) -> subprocess.Popen:
+    """configs/tiny.py with OVERRIDES, as one process of a job with the given extra environment."""
     command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
                f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
-           "JAX_NUM_PROCESSES": "2"}
-    return [subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def start_two_processes(workdir, steps: int) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of one job of 4 devices each (launched by hand: the env names the layout)."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
+    return [start_trainer(workdir, steps, {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
 def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
@@ -59,16 +62,8 @@ def launch_two_processes(workdir, steps: int) -> list[str]:
 
 def launch_one_process(workdir, steps: int) -> str:
     """The same job as one process owning all 8 devices."""
-    command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
-               f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    return wait_for_success([subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, text=True)])[0]
-
-
-def read_metrics(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return wait_for_success([start_trainer(workdir, steps, env)])[0]
 
 
 def loss_lines(output: str) -> list[str]:

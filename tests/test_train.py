@@ -1,6 +1,5 @@
 """The trainer: learning, trainable subsets, checkpoints, exact resume after SIGKILL, NaN handling."""
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ from flax import nnx
 from configs import tiny
 from recam_jax import checkpoint, convert, optim, sharding, train
 from recam_jax.models.dit import WanDiT
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, read_metrics, tiny_config
 
 
 def leaves_equal(a, b) -> bool:
@@ -25,8 +24,7 @@ def leaves_equal(a, b) -> bool:
 
 
 def read_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
 def test_overfits_one_fixed_batch():
