@@ -32,6 +32,11 @@ def parse_unreal_matrix(text: str) -> np.ndarray:
     return matrix
 
 
+def unreal_string(matrix: np.ndarray) -> str:
+    """A 4x4 matrix spelled as MultiCamVideo's JSON spells it (6 significant digits): "[a b c d] ... "."""
+    return " ".join("[" + " ".join(f"{x:g}" for x in row) + "]" for row in matrix) + " "
+
+
 def official_c2w(unreal: np.ndarray) -> np.ndarray:
     """Camera-to-world (..., 4, 4) exactly as ReCamMaster computes it (left-handed world, metres)."""
     c2w = np.swapaxes(unreal, -1, -2)[..., [1, 2, 0, 3]].copy()

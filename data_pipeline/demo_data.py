@@ -14,13 +14,12 @@ also writes a random tiny umT5 (`/tmp/multicam_demo/tiny_umt5`) for `prepare --t
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 import numpy as np
 
 from data_pipeline import video
-from data_pipeline.multicam import CAMERAS
+from data_pipeline.multicam import CAMERAS, write_extrinsics
 from data_pipeline.text_encoder import write_tiny_umt5
 
 FOCAL_FOLDERS = ("f18_aperture10", "f24_aperture5", "f35_aperture2.4", "f50_aperture2.4")
@@ -75,21 +74,14 @@ def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: flo
     return np.where(hits_ball[..., None], colours[3], image).astype(np.uint8)
 
 
-def unreal_string(matrix: np.ndarray) -> str:
-    """A 4x4 matrix spelled as MultiCamVideo's JSON spells it: "[a b c d] [e f g h] ... "."""
-    return " ".join("[" + " ".join(f"{x:g}" for x in row) + "]" for row in matrix) + " "
-
-
 def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, width: int, seed: int) -> None:
     """One scene folder: cameras/camera_extrinsics.json and videos/cam01..cam10.mp4."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     paths = {camera: camera_path(camera, num_frames) for camera in CAMERAS}
-    extrinsics = {f"frame{k}": {f"cam{c:02d}": unreal_string(paths[c][k]) for c in CAMERAS} for k in range(num_frames)}
     os.makedirs(os.path.join(scene_dir, "cameras"), exist_ok=True)
     os.makedirs(os.path.join(scene_dir, "videos"), exist_ok=True)
-    with open(os.path.join(scene_dir, "cameras", "camera_extrinsics.json"), "w") as f:
-        json.dump(extrinsics, f, indent=1)
+    write_extrinsics(os.path.join(scene_dir, "cameras", "camera_extrinsics.json"), paths)
     for camera in CAMERAS:
         frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal_mm, colours) for k in range(num_frames)])
         video.write_video(os.path.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)

@@ -65,16 +65,16 @@ def find_scenes(split_dir: str) -> list[Scene]:
     return scenes
 
 
-def read_extrinsics(path: str, num_frames: int) -> np.ndarray:
+def read_extrinsics(path: str, num_frames: int, camera_numbers: tuple[int, ...] = CAMERAS) -> np.ndarray:
     """Unreal matrices (cameras, frames, 4, 4) float64 from a scene's JSON; SceneError if incomplete."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise SceneError(f"{path}: cannot read camera JSON ({e})") from e
-    poses = np.empty((NUM_CAMERAS, num_frames, 4, 4))
+    poses = np.empty((len(camera_numbers), num_frames, 4, 4))
     for frame in range(num_frames):
-        for i, camera in enumerate(CAMERAS):
+        for i, camera in enumerate(camera_numbers):
             key = f"frame{frame}/cam{camera:02d}"
             try:
                 poses[i, frame] = cameras.parse_unreal_matrix(data[f"frame{frame}"][f"cam{camera:02d}"])
@@ -83,6 +83,14 @@ def read_extrinsics(path: str, num_frames: int) -> np.ndarray:
     if not np.all(np.isfinite(poses)):
         raise SceneError(f"{path}: non-finite numbers in the extrinsics")
     return poses
+
+
+def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
+    """A camera JSON in MultiCamVideo's layout from Unreal matrices (frames, 4, 4) per camera number."""
+    num_frames = len(next(iter(paths.values())))
+    extrinsics = {f"frame{k}": {f"cam{c:02d}": cameras.unreal_string(p[k]) for c, p in paths.items()} for k in range(num_frames)}
+    with open(path, "w") as f:
+        json.dump(extrinsics, f, indent=4)
 
 
 def validate_scene(scene: Scene, num_frames: int) -> np.ndarray:
