@@ -28,6 +28,7 @@ setup(
         "google-crc32c>=1.6",
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
+        "matplotlib>=3.8,<4",  # trajectory plots (recam_jax/trajectory_plot.py)
         "tensorflow-datasets>=4.9.10",
     ],
     extras_require={

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recam_jax import convert, flow
+from recam_jax import convert, flow, trajectory
 
 
 def euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance: float):
@@ -56,15 +56,17 @@ def sample_with_params(graphdef, params, noise, source, text, negative_text, cam
 
 
 def main(argv=None) -> None:
-    from data_pipeline import cameras, multicam, text_encoder, video, video_encoder
+    from data_pipeline import cameras, text_encoder, video, video_encoder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", required=True, help="ReCamMaster/Wan PyTorch weights or a recam_jax params folder")
     parser.add_argument("--video", required=True, help="source video")
     parser.add_argument("--caption", required=True)
     parser.add_argument("--negative_caption", default="")
-    parser.add_argument("--trajectory", required=True, help="camera_extrinsics.json (MultiCamVideo format)")
-    parser.add_argument("--camera", type=int, default=1, help="which camXX of the trajectory file to follow")
+    parser.add_argument("--trajectory", required=True,
+                        help="a camera JSON (MultiCamVideo format), a preset (pan_right, ..., arc_right) or a spec "
+                             "like 'pan:30+dolly:1' (see recam_jax/trajectory.py)")
+    parser.add_argument("--camera", type=int, default=1, help="which camXX of a trajectory JSON to follow")
     parser.add_argument("--text_encoder_dir", required=True)
     parser.add_argument("--vae", default="wan2.1", help="VAE config: wan2.1 (needs --vae_path) or demo")
     parser.add_argument("--vae_path", default=None)
@@ -80,10 +82,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_heads", type=int, default=None, help="DiT heads (default: dim / 128, as Wan)")
     args = parser.parse_args(argv)
 
+    camera = cameras.inference_camera(trajectory.load(args.trajectory, args.camera, args.num_frames))[None]
     vae = video_encoder.make_video_encoder(args.vae, args.vae_path)
     source = vae(video.read_video(args.video, args.num_frames, args.height, args.width)[None])
-    trajectory = multicam.read_extrinsics(args.trajectory, args.num_frames)[args.camera - 1]
-    camera = cameras.inference_camera(trajectory)[None]
     encode_text = text_encoder.TextEncoder(args.text_encoder_dir, args.text_len)
     text, negative = (text_encoder.pad_text(encode_text(c), args.text_len)[0][None]
                       for c in (args.caption, args.negative_caption))
