@@ -7,17 +7,25 @@ poses relative to frame 0, so the start only matters for equality with the offic
 
 Spec syntax (what `--trajectory` and `python -m recam_jax.trajectory` take):
 
-    SPEC  = TERM ["+" TERM ...]               terms run at the same time, each mounted on the
-                                              camera the terms before it have moved (a rig stack)
-    TERM  = PRESET | MOVE ":" AMOUNT ["," KEY "=" VALUE ...]
-    MOVE  = pan (degrees, + = right)  tilt (degrees, + = up)  roll (degrees, + = clockwise)
-          | dolly (metres, + = forward; the official "zoom" is a dolly)  truck (metres, + = right)
-          | pedestal (metres, + = up)  arc (degrees around the point `radius` metres ahead,
-          | + = the camera moves right and turns left to keep the point centred)
-          | aim (metres: look at the point that far ahead of the start camera, horizon level;
-          |      gives the orientation, so it does not mix with pan, tilt, roll or arc)
-    KEYS  = speed=linear|ease_in|ease_out|ease   start=0 end=1 (fractions of the clip)
-            radius=4 (arc only, metres)
+    SPEC = TERM+TERM+...     the terms run at the same time, each mounted on the camera as the
+                             terms before it have moved it (a rig stack: `truck:1+pan:-20` slides
+                             right while turning left, `pan:-20+truck:1` slides along the turning
+                             right axis)
+    TERM = PRESET  or  MOVE:AMOUNT,KEY=VALUE,...
+
+    MOVE      AMOUNT     positive means
+    pan       degrees    turn right (about the camera's up axis)
+    tilt      degrees    look up
+    roll      degrees    clockwise (the camera's up leans to its right)
+    dolly     metres     forward (the official "zoom" is a dolly: MultiCamVideo's lenses are fixed)
+    truck     metres     right
+    pedestal  metres     up
+    arc       degrees    circle the point `radius` m ahead: move right, turn left to keep it centred
+    aim       metres     look at the point that far ahead of the first camera, horizon level (it
+                         sets the orientation, so it does not mix with pan, tilt, roll or arc)
+
+    KEY=VALUE  speed=linear|ease_in|ease_out|ease (default linear); start=0, end=1: the window
+               of the clip the move runs in (fractions); radius=4 (arc only, metres)
 
 e.g. `pan:30`, `arc:60,radius=3,speed=ease`, `truck:1+pan:-20`, `pan:90,end=0.5+dolly:2,start=0.5`,
 `pedestal:1+aim:4`, `zoom_in+roll:10`. A move reaches its amount on the clip's last frame.
@@ -31,8 +39,8 @@ official "arc" is the chord of a 30-degree arc of radius 4 m, not the arc itself
 from __future__ import annotations
 
 import argparse
-import math
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -84,7 +92,10 @@ class Move:
         return SPEEDS[self.speed](x)
 
     def local_transform(self, progress: float) -> np.ndarray:
-        """4x4 (column vectors, metres) of the move in the frame of the camera it is mounted on."""
+        """4x4 (column vectors, metres) of the move in the frame of the camera it is mounted on.
+
+        Identity for `aim`, which sets the orientation once the position is known (`generate`).
+        """
         transform = np.eye(4)
         if self.kind in ROTATIONS:
             transform[:3, :3] = _plane_rotation(*ROTATIONS[self.kind], self.amount * progress)
@@ -189,13 +200,16 @@ def load(trajectory: str, camera: int = 1, frames: int = DEFAULT_FRAMES) -> np.n
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="presets: " + "; ".join(f"{k} = {v}" for k, v in PRESETS.items()))
+                                     epilog="presets (official cam01 ... cam10): " + ", ".join(PRESETS))
     parser.add_argument("specs", nargs="+", help="one spec or preset per camera: cam01, cam02, ...")
-    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per trajectory (MultiCamVideo: 81)")
     parser.add_argument("--out", help="camera JSON in MultiCamVideo's format")
     parser.add_argument("--plot", help="PNG of the camera frusta from above and from the side")
     args = parser.parse_args(argv)
-    paths = {i + 1: generate(spec, args.frames) for i, spec in enumerate(args.specs)}
+    try:
+        paths = {i + 1: generate(spec, args.frames) for i, spec in enumerate(args.specs)}
+    except ValueError as e:
+        parser.error(str(e))
     if args.out:
         multicam.write_extrinsics(args.out, paths)
         print(f"wrote {args.out}")

@@ -49,6 +49,7 @@ def render(trajectories: dict[str, np.ndarray]) -> np.ndarray:
                 ax.fill(outline[:, h], outline[:, v], color=colour, alpha=0.1)
                 ax.plot(outline[:, h], outline[:, v], color=colour, lw=1.5)
             ax.plot(*positions[0, [h, v]], "ko", ms=5)
+            _square_limits(ax)
             ax.set(title=f"{name}: {view}", xlabel=h_label, ylabel=v_label, aspect="equal")
             ax.grid(alpha=0.3)
         figure.colorbar(plt.cm.ScalarMappable(frame_colours, "viridis"), ax=row.tolist(), label="frame")
@@ -56,6 +57,13 @@ def render(trajectories: dict[str, np.ndarray]) -> np.ndarray:
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
     return image
+
+
+def _square_limits(ax) -> None:
+    """The same span on both axes, so a straight-line move does not squeeze its panel to a strip."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    half = max(x1 - x0, y1 - y0) / 2
+    ax.set(xlim=((x0 + x1) / 2 - half, (x0 + x1) / 2 + half), ylim=((y0 + y1) / 2 - half, (y0 + y1) / 2 + half))
 
 
 def write_png(path: str, trajectories: dict[str, np.ndarray]) -> None:
