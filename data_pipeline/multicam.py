@@ -88,7 +88,8 @@ def read_extrinsics(path: str, num_frames: int, camera_numbers: tuple[int, ...] 
 def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
     """A camera JSON in MultiCamVideo's layout from Unreal matrices (frames, 4, 4) per camera number."""
     num_frames = len(next(iter(paths.values())))
-    extrinsics = {f"frame{k}": {f"cam{c:02d}": cameras.unreal_string(p[k]) for c, p in paths.items()} for k in range(num_frames)}
+    extrinsics = {f"frame{k}": {f"cam{c:02d}": cameras.unreal_string(poses[k]) for c, poses in paths.items()}
+                  for k in range(num_frames)}
     with open(path, "w") as f:
         json.dump(extrinsics, f, indent=4)
 
