@@ -25,6 +25,8 @@ _RIGHT_HANDED_WORLD = np.diag([1.0, -1.0, 1.0, 1.0])  # flips Unreal's left-hand
 
 def parse_unreal_matrix(text: str) -> np.ndarray:
     """A MultiCamVideo extrinsics string as the (4, 4) float64 Unreal matrix it spells."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a matrix string, got {text!r}")
     rows = [row.split() for row in text.replace("]", "[").split("[") if row.strip()]
     matrix = np.array(rows, dtype=np.float64)
     if matrix.shape != (4, 4):

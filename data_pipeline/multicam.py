@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -68,9 +69,9 @@ def find_scenes(split_dir: str) -> list[Scene]:
 def read_extrinsics(path: str, num_frames: int, camera_numbers: tuple[int, ...] = CAMERAS) -> np.ndarray:
     """Unreal matrices (cameras, frames, 4, 4) float64 from a scene's JSON; SceneError if incomplete."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, or bytes that are not UTF-8
         raise SceneError(f"{path}: cannot read camera JSON ({e})") from e
     poses = np.empty((len(camera_numbers), num_frames, 4, 4))
     for frame in range(num_frames):
@@ -103,10 +104,84 @@ def validate_scene(scene: Scene, num_frames: int) -> np.ndarray:
     return read_extrinsics(scene.extrinsics_path, num_frames)
 
 
-def load_captions(path: str) -> dict[str, str]:
-    """Captions keyed by scene id, from a CSV (`file_name,text`) or JSONL (`{"scene", "text"}`)."""
-    with open(path, newline="") as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-            return {row["scene"].strip("/"): row["text"] for row in rows}
-        return {row["file_name"].strip("/"): row["text"] for row in csv.DictReader(f)}
+def load_captions(path: str) -> dict[str, dict[int, str]]:
+    """Captions per scene id and camera number, from a caption file (see `parse_caption_rows`)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
+        text = f.read()
+    return captions_by_camera(path, parse_caption_rows(path, text))
+
+
+KEY_COLUMNS = ("file_name", "scene", "video", "path")  # first match wins, case and spaces ignored
+TEXT_COLUMNS = ("text", "caption", "prompt")
+# A key names a scene ("f18_aperture10/scene1") or one camera's video, as the official metadata.csv
+# does ("f18_aperture10/scene1/videos/cam01.mp4"); anything above the lens folder is ignored.
+_CAPTION_KEY = re.compile(r"^(?:.*/)?(?P<scene>f\d+(?:\.\d+)?_[^/]+/[^/]+?)(?:/videos/cam(?P<camera>\d+)\.mp4)?/?$")
+
+
+class CaptionError(ValueError):
+    """A caption file that cannot be used; the message names the file, line and key or column."""
+
+
+def parse_caption_rows(path: str, text: str) -> list[tuple[int, str, str]]:
+    """(line, key, caption) rows of a CSV with a key and a text column, or of JSONL objects (`.jsonl`)."""
+    if path.endswith(".jsonl"):
+        rows = []
+        for line, raw in enumerate(text.splitlines(), 1):
+            if raw.strip():
+                try:
+                    rows.append((line, json.loads(raw)))
+                except json.JSONDecodeError as e:
+                    raise CaptionError(f"{path}:{line}: not a JSON object ({e})") from e
+        fields = sorted({key for _, row in rows if isinstance(row, dict) for key in row})
+        line_rows = rows
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fields = reader.fieldnames or []
+        line_rows = [(reader.line_num, row) for row in reader]
+    key_column, text_column = (_find_column(path, fields, names) for names in (KEY_COLUMNS, TEXT_COLUMNS))
+    parsed = []
+    for line, row in line_rows:
+        if not isinstance(row, dict) or not isinstance(row.get(key_column), str) or not isinstance(row.get(text_column), str):
+            raise CaptionError(f"{path}:{line}: expected text in columns {key_column!r} and {text_column!r}, got {row!r}")
+        caption = " ".join(row[text_column].split())
+        if not caption:
+            raise CaptionError(f"{path}:{line}: empty {text_column!r} for {row[key_column]!r}")
+        parsed.append((line, row[key_column], caption))
+    return parsed
+
+
+def _find_column(path: str, fields: list[str], names: tuple[str, ...]) -> str:
+    """The first field named like one of `names` (case and surrounding spaces ignored)."""
+    by_name = {field.strip().lower(): field for field in fields if field}
+    for name in names:
+        if name in by_name:
+            return by_name[name]
+    raise CaptionError(f"{path}: no column named one of {names}; the columns are {fields}")
+
+
+def captions_by_camera(path: str, rows: list[tuple[int, str, str]]) -> dict[str, dict[int, str]]:
+    """Scene id -> camera -> caption: a scene key covers every camera, a video key only its camera.
+
+    A video's own row wins over its scene's row whatever their order; the same key twice with two
+    different captions is refused rather than keeping one silently."""
+    scene_rows, video_rows = {}, {}
+    for line, key, caption in rows:
+        match = _CAPTION_KEY.match(key.strip().replace("\\", "/"))
+        camera = int(match.group("camera")) if match and match.group("camera") else None
+        if match is None or (camera is not None and camera not in CAMERAS):
+            raise CaptionError(f"{path}:{line}: key {key!r} names no scene (f18_aperture10/scene1) "
+                               f"nor camera video (f18_aperture10/scene1/videos/cam01.mp4)")
+        target, name = (scene_rows, match.group("scene")) if camera is None else (video_rows, (match.group("scene"), camera))
+        if target.get(name, (line, caption))[1] != caption:
+            raise CaptionError(f"{path}:{line}: {key!r} captioned differently on line {target[name][0]}")
+        target[name] = (line, caption)
+    captions = {scene: dict.fromkeys(CAMERAS, caption) for scene, (_, caption) in scene_rows.items()}
+    for (scene, camera), (_, caption) in video_rows.items():
+        captions.setdefault(scene, {})[camera] = caption
+    return captions
+
+
+def scene_caption(per_camera: dict[int, str]) -> str:
+    """The one text a scene record holds: the cameras' shared caption, or when they differ the lowest
+    captioned camera's (shards keep one text per scene; camera records hold none)."""
+    return per_camera[min(per_camera)]

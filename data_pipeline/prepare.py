@@ -36,7 +36,7 @@ class PrepareConfig:
 
     input_root: str
     output_dir: str
-    captions: str | None = None  # CSV `file_name,text` or JSONL `{"scene", "text"}`, keyed by scene id
+    captions: str | None = None  # CSV `file_name,text` or JSONL, keyed by scene id or camera video
     default_caption: str = DEFAULT_CAPTION  # for scenes the caption file misses (they are counted)
     num_frames: int = 81
     height: int = 480
@@ -70,7 +70,7 @@ def shard_plan(split_to_scenes: dict[str, list[Scene]], per_shard: int) -> dict[
 class SceneEncoder:
     """Turns one scene into its 11 serialized records, or raises SceneError / VideoError."""
 
-    def __init__(self, config: PrepareConfig, encode_video, encode_text, captions: dict[str, str]):
+    def __init__(self, config: PrepareConfig, encode_video, encode_text, captions: dict[str, dict[int, str]]):
         if multicam.NUM_CAMERAS % config.encode_batch:
             raise ValueError(f"encode_batch={config.encode_batch} must divide {multicam.NUM_CAMERAS}")
         self.config = config
@@ -87,7 +87,7 @@ class SceneEncoder:
     def caption(self, scene: Scene) -> tuple[str, bool]:
         """The scene's caption and whether it is the default one."""
         if scene.scene_id in self.captions:
-            return self.captions[scene.scene_id], False
+            return multicam.scene_caption(self.captions[scene.scene_id]), False
         return self.config.default_caption, True
 
     def latents(self, scene: Scene) -> np.ndarray:
@@ -157,6 +157,8 @@ def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
     os.makedirs(config.output_dir, exist_ok=True)
     captions = multicam.load_captions(config.captions) if config.captions else {}
     scenes = multicam.find_scenes(os.path.join(config.input_root, "train"))
+    if captions and not captions.keys() & {scene.scene_id for scene in scenes}:
+        raise multicam.CaptionError(f"{config.captions}: no key names a scene under {config.input_root}/train")
     plan = shard_plan(split_scenes(scenes, config.num_val_scenes), config.scenes_per_shard)
     encode = SceneEncoder(config, encode_video, encode_text, captions)
     mine = [
