@@ -60,15 +60,15 @@ class Captioner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # generation continues every row at the same place
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True,
-                                                                 dtype=getattr(torch, dtype)).to(self.device).eval()  # fmt: skip
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, dtype))
+        self.model = model.to(self.device).eval()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, images: list[np.ndarray]) -> list[str]:
         inputs = self.processor(images=images, text=[self.prompt] * len(images), padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(self.device, dtype=self.model.dtype)  # only the floating tensors (pixels) are cast
         with self.torch.inference_mode():
             tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new_tokens = tokens[:, inputs["input_ids"].shape[1] :]
@@ -94,23 +94,27 @@ def caption_scenes(input_root: str, output: str, captioner, camera: int = 1, fra
     todo = [scene for scene in scenes if scene.scene_id not in done]
     failed = {}
 
-    def image(scene):
+    def scene_image(scene):
         try:
             return tile(sample_frames(scene.video_path(camera), clip_frames, frames, height, width))
         except video.VideoError as e:
             return e
 
-    with open(output, "a", newline="") as f, concurrent.futures.ThreadPoolExecutor(batch_size) as decoders, \
-            tqdm.tqdm(total=len(scenes), initial=len(scenes) - len(todo), unit="scene", desc="caption") as progress:  # fmt: skip
+    progress = tqdm.tqdm(total=len(scenes), initial=len(scenes) - len(todo), unit="scene", desc="caption")
+    with open(output, "a", newline="") as f, concurrent.futures.ThreadPoolExecutor(batch_size) as decoders, progress:
         for start in range(0, len(todo), batch_size):
-            batch = list(zip(todo[start : start + batch_size], decoders.map(image, todo[start : start + batch_size])))
-            failed.update({scene.scene_id: str(result) for scene, result in batch if isinstance(result, Exception)})
-            batch = [(scene, result) for scene, result in batch if not isinstance(result, Exception)]
-            texts = captioner([result for _, result in batch]) if batch else []
-            failed.update({scene.scene_id: "empty caption" for (scene, _), text in zip(batch, texts) if not text})
-            csv.writer(f).writerows([(scene.scene_id, text) for (scene, _), text in zip(batch, texts) if text])
+            batch = todo[start : start + batch_size]
+            images = {}
+            for scene, image in zip(batch, decoders.map(scene_image, batch)):  # ffmpeg decodes in parallel
+                if isinstance(image, video.VideoError):
+                    failed[scene.scene_id] = str(image)
+                else:
+                    images[scene.scene_id] = image
+            texts = dict(zip(images, captioner(list(images.values())))) if images else {}
+            failed.update({scene_id: "empty caption" for scene_id, text in texts.items() if not text})
+            csv.writer(f).writerows([(scene_id, text) for scene_id, text in texts.items() if text])
             f.flush()
-            progress.update(len(todo[start : start + batch_size]))
+            progress.update(len(batch))
     return failed
 
 

@@ -125,22 +125,15 @@ class CaptionError(ValueError):
 def parse_caption_rows(path: str, text: str) -> list[tuple[int, str, str]]:
     """(line, key, caption) rows of a CSV with a key and a text column, or of JSONL objects (`.jsonl`)."""
     if path.endswith(".jsonl"):
-        rows = []
-        for line, raw in enumerate(text.splitlines(), 1):
-            if raw.strip():
-                try:
-                    rows.append((line, json.loads(raw)))
-                except json.JSONDecodeError as e:
-                    raise CaptionError(f"{path}:{line}: not a JSON object ({e})") from e
+        rows = [(line, _json_line(path, line, raw)) for line, raw in enumerate(text.splitlines(), 1) if raw.strip()]
         fields = sorted({key for _, row in rows if isinstance(row, dict) for key in row})
-        line_rows = rows
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(reader.line_num, row) for row in reader]
         fields = reader.fieldnames or []
-        line_rows = [(reader.line_num, row) for row in reader]
     key_column, text_column = (_find_column(path, fields, names) for names in (KEY_COLUMNS, TEXT_COLUMNS))
     parsed = []
-    for line, row in line_rows:
+    for line, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get(key_column), str) or not isinstance(row.get(text_column), str):
             raise CaptionError(f"{path}:{line}: expected text in columns {key_column!r} and {text_column!r}, got {row!r}")
         caption = " ".join(row[text_column].split())
@@ -148,6 +141,13 @@ def parse_caption_rows(path: str, text: str) -> list[tuple[int, str, str]]:
             raise CaptionError(f"{path}:{line}: empty {text_column!r} for {row[key_column]!r}")
         parsed.append((line, row[key_column], caption))
     return parsed
+
+
+def _json_line(path: str, line: int, raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CaptionError(f"{path}:{line}: not a JSON object ({e})") from e
 
 
 def _find_column(path: str, fields: list[str], names: tuple[str, ...]) -> str:
