@@ -1,12 +1,12 @@
 """Captions for a MultiCamVideo root, written by a local vision-language model (the dataset ships none).
 
     python -m data_pipeline.caption --input_root=/data/MultiCamVideo-Dataset \
-        --model_dir=/models/Qwen2-VL-7B-Instruct [--output=ROOT/captions.csv --batch_size=8]
+        --model_dir=/models/llava-1.5-7b-hf [--output=ROOT/captions.csv --batch_size=8]
 
 One caption per scene: the 10 cameras film the same animated content and a shard keeps one text per
 scene, so one camera's video (`--camera`) describes it, at a tenth of the cost of every video.
 `--frames` frames spread over the clip are tiled into one image, so any transformers
-image-text-to-text model whose processor has a chat template works (Qwen2-VL, LLaVA, ...).
+image-text-to-text model whose processor has a chat template works (tested: a tiny random LLaVA).
 
 Rows `file_name,text` (scene id, one-line caption: `prepare --captions` reads them) are appended
 after every batch. A rerun skips the scenes already in the file and drops a row cut short by a kill,
