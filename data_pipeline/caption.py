@@ -6,7 +6,7 @@
 One caption per scene: the 10 cameras film the same animated content and a shard keeps one text per
 scene, so one camera's video (`--camera`) describes it, at a tenth of the cost of every video.
 `--frames` frames spread over the clip are tiled into one image, so any transformers
-image-text-to-text model whose processor has a chat template works (tested: a tiny random LLaVA).
+image-text-to-text model whose processor has a chat template can be used (tested: a tiny random LLaVA).
 
 Rows `file_name,text` (scene id, one-line caption: `prepare --captions` reads them) are appended
 after every batch. A rerun skips the scenes already in the file and drops a row cut short by a kill,
