@@ -53,6 +53,7 @@ def test_official_per_video_metadata_gives_every_camera_its_own_caption(tmp_path
     captions = multicam.load_captions(path)
     assert captions["f18_aperture10/scene1"] == {1: texts[0], 2: texts[1], **{c: texts[0] for c in range(3, 11)}}
     assert captions["f24_aperture5/scene7"] == {3: "seven"}
+    assert multicam.scene_caption(captions["f18_aperture10/scene1"]) == texts[0]  # the scene record: cam01's
     assert multicam.scene_caption(captions["f24_aperture5/scene7"]) == "seven"
 
 
