@@ -10,7 +10,6 @@ restarting with the same workdir resumes from the latest checkpoint (SIGTERM sav
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -198,7 +197,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
     # (batch, ...) → (accum, batch/accum, ...) keeping each device's rows in its own micro-batch shard.
     split = lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    no_breakdown = jax.tree.map(jnp.zeros_like, flow.loss_breakdown(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, int)))
+    no_breakdown = flow.loss_breakdown(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32))  # of no example: zeros
     (grads, loss, breakdown), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), no_breakdown),
                                                (jax.tree.map(split, batch), split(example_keys)))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)

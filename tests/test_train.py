@@ -274,8 +274,9 @@ def test_grad_accumulation_equals_the_full_batch_step():
     np.testing.assert_allclose(accum["loss"], full["loss"], rtol=1e-5)
     np.testing.assert_allclose(accum["grad_norm"], full["grad_norm"], rtol=1e-5)
     assert not leaves_equal(full_state.trainable, state.trainable)
+    # Adam's first update is lr·g/(|g| + eps): near-zero gradients turn float noise into up to ~0.1% of lr.
     for a, b in zip(jax.tree.leaves(accum_state.trainable), jax.tree.leaves(full_state.trainable)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3 * config.optimizer.learning_rate)
 
 
 def test_fewer_rows_per_device_than_micro_batches_is_refused_naming_the_field():
@@ -294,7 +295,7 @@ def test_fewer_rows_per_device_than_micro_batches_is_refused_naming_the_field():
 ])
 def test_a_misspelt_choice_is_refused_naming_the_field_and_the_choices(field, value):
     config = tiny_config(**{field: value})
-    with pytest.raises(ValueError, match=rf"^{re.escape(field)}={value!r} is not one of '"):
+    with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r} is not one of '")):
         train.check_config(config)
 
 
