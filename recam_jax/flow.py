@@ -14,6 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+LOSS_WEIGHTINGS = ("none", "bsmntw")
+TASKS = ("v2v", "i2v", "t2v")  # the task codes condition_latents draws: 0, 1, 2
+SIGMA_BUCKETS = 4  # the loss is also reported over σ in [0, ¼), [¼, ½), [½, ¾), [¾, 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,8 @@ def loss_weight(sigma: jax.Array, cfg: FlowConfig) -> jax.Array:
     there), never over the sampled batch, so the loss scale does not depend on the batch size."""
     if cfg.loss_weighting == "none":
         return jnp.ones_like(sigma)
+    if cfg.loss_weighting != "bsmntw":
+        raise ValueError(f"flow.loss_weighting={cfg.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
     grid_bump = _bump(shifted_sigmas(NUM_TRAIN_TIMESTEPS, cfg.shift) * NUM_TRAIN_TIMESTEPS, xp=np)
     floor, mean = grid_bump.min(), (grid_bump - grid_bump.min()).mean()
     return (_bump(sigma * NUM_TRAIN_TIMESTEPS) - floor) / mean
@@ -64,7 +70,7 @@ def sample_sigmas(keys: jax.Array, cfg: FlowConfig) -> jax.Array:
     if cfg.timestep_sampling == "logit_normal":
         normal = jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
         return shift_sigma(jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * normal), cfg.shift)
-    raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}")
+    raise ValueError(f"flow.timestep_sampling={cfg.timestep_sampling!r} is not one of {TIMESTEP_SAMPLINGS}")
 
 
 def _per_example(values, like):
@@ -118,5 +124,23 @@ def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig,
     prediction = apply_fn(latents, sigma * NUM_TRAIN_TIMESTEPS, batch["text_embeds"], batch["camera"])
     target_prediction = prediction[:, : x0.shape[1]].astype(jnp.float32)
     per_example = jnp.mean(jnp.square(target_prediction - (eps - x0)), axis=tuple(range(1, x0.ndim)))
-    loss = jnp.mean(per_example * loss_weight(sigma, cfg))
-    return loss, {"sigma": sigma, "task": task}
+    per_example = per_example * loss_weight(sigma, cfg)
+    return jnp.mean(per_example), {"sigma": sigma, "task": task, "per_example": per_example}
+
+
+def loss_breakdown(per_example: jax.Array, sigma: jax.Array, task: jax.Array) -> dict:
+    """Sums and counts of the per-example loss by task (`TASKS`) and by σ bucket (`SIGMA_BUCKETS`):
+    sums, so they add up over micro-batches, steps and hosts before one division at log time."""
+    bucket = jnp.minimum((sigma * SIGMA_BUCKETS).astype(jnp.int32), SIGMA_BUCKETS - 1)
+    by = lambda index, size: (jnp.zeros(size).at[index].add(per_example), jnp.zeros(size).at[index].add(1.0))
+    (task_sum, task_count), (sigma_sum, sigma_count) = by(task, len(TASKS)), by(bucket, SIGMA_BUCKETS)
+    return {"task_sum": task_sum, "task_count": task_count, "sigma_sum": sigma_sum, "sigma_count": sigma_count}
+
+
+def breakdown_means(sums: dict) -> dict[str, float]:
+    """`loss_breakdown` sums as named means (`loss_t2v`, `loss_sigma_0.25-0.50`, ...); empty groups left out."""
+    names = [f"loss_{t}" for t in TASKS] + [
+        f"loss_sigma_{i / SIGMA_BUCKETS:.2f}-{(i + 1) / SIGMA_BUCKETS:.2f}" for i in range(SIGMA_BUCKETS)]
+    totals = np.concatenate([sums["task_sum"], sums["sigma_sum"]])
+    counts = np.concatenate([sums["task_count"], sums["sigma_count"]])
+    return {name: float(total / count) for name, total, count in zip(names, totals, counts) if count}

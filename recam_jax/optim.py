@@ -7,6 +7,7 @@ they get no gradient, no optimizer state and no update.
 
 from __future__ import annotations
 
+import jax
 import optax
 from flax import nnx
 
@@ -15,6 +16,7 @@ TRAINABLE_SETS = {
     "camera+self_attn": ("cam_encoder", "projector", "self_attn"),
     "all": None,
 }
+SCHEDULES = ("constant", "cosine")
 
 
 def trainable_filter(trainable: str) -> nnx.filterlib.Filter:
@@ -28,7 +30,12 @@ def trainable_filter(trainable: str) -> nnx.filterlib.Filter:
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then constant or cosine decay to `end_learning_rate` at `steps`."""
+    """Linear warmup to `learning_rate`, then constant or cosine decay to `end_learning_rate`.
+
+    Indexed by optax's count of applied updates: update n (from 0) takes the rate of step n + 1 of
+    the warmup, so the first update already moves (lr / warmup_steps) and update warmup_steps − 1
+    reaches the peak; the cosine then ends at `end_learning_rate` after `decay_steps` more updates.
+    """
     warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
@@ -36,8 +43,17 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         after = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.decay_steps, 1),
                                             alpha=cfg.end_learning_rate / cfg.learning_rate)
     else:
-        raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not 'constant' or 'cosine'")
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
+    joined = optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    return lambda count: joined(count + 1)
+
+
+def applied_learning_rate(cfg, opt_state) -> jax.Array:
+    """The rate of the update `opt_state` is about to apply: the schedule at optax's own count,
+    which (unlike the train step counter) does not move on a skipped non-finite step."""
+    is_schedule_state = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    (schedule_state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule_state) if is_schedule_state(s)]
+    return learning_rate_schedule(cfg)(schedule_state.count)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:

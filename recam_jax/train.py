@@ -31,7 +31,8 @@ from data_pipeline import loader
 from recam_jax import checkpoint, convert, flops, flow, optim, sharding
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
-from recam_jax.models.dit import WanDiT, dit_config
+from recam_jax.models.attention import BACKENDS
+from recam_jax.models.dit import REMAT_POLICIES, VARIANTS, WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
 
 
@@ -40,12 +41,13 @@ class TrainState:
     """Everything a step reads and writes; saved whole in every checkpoint."""
 
     step: jax.Array
-    rng: jax.Array  # raw key data of the run's base key; each step folds in its step number
+    rng: jax.Array  # raw key data of the run's step-key stream; each step folds in its step number
     trainable: nnx.State
     frozen: nnx.State
     opt_state: optax.OptState
     ema: nnx.State | None
     skipped_nonfinite: jax.Array
+    first_nonfinite_step: jax.Array  # 0 until a step's loss or gradient is non-finite, then that step
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -61,8 +63,31 @@ def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
     return flow.FlowConfig(**{**config.flow.to_dict(), "condition_noise": tuple(config.flow.condition_noise)})
 
 
+DATA_SOURCES = ("synthetic", "tfrecord")
+DTYPES = ("float32", "bfloat16")
+
+# Every field that names one of a fixed set of things, and that set.
+CHOICES = {
+    "model.variant": VARIANTS,
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat": REMAT_POLICIES,
+    "model.attention": BACKENDS,
+    "trainable": optim.TRAINABLE_SETS,
+    "flow.timestep_sampling": flow.TIMESTEP_SAMPLINGS,
+    "flow.loss_weighting": flow.LOSS_WEIGHTINGS,
+    "optimizer.schedule": optim.SCHEDULES,
+    "data.source": DATA_SOURCES,
+    "sharding_rules": sharding.RULE_SETS,
+}
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Cross-field checks, in one place, before anything is built."""
+    """Every field naming a choice, and the cross-field checks, in one place before anything is built."""
+    for field, allowed in CHOICES.items():
+        value = functools.reduce(getattr, field.split("."), config)
+        if value not in allowed:
+            raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, allowed))}")
     if config.data.batch_size % config.optimizer.grad_accum_steps:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
@@ -70,6 +95,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("export_ema needs optimizer.ema_decay > 0")
     if config.flow.p_t2v + config.flow.p_i2v > 1:
         raise ValueError("flow.p_t2v + flow.p_i2v must be at most 1")
+
+
+def check_micro_batches(config, data_sharding: NamedSharding) -> None:
+    """Each device must hold whole rows of every micro-batch: with fewer rows per device than
+    micro-batches the step would all-gather the batch to split it."""
+    rows = data_sharding.shard_shape((config.data.batch_size,))[0]
+    accum = config.optimizer.grad_accum_steps
+    if rows % accum:
+        raise ValueError(
+            f"optimizer.grad_accum_steps={accum} does not divide the {rows} rows each device holds "
+            f"(data.batch_size={config.data.batch_size} over the mesh's batch axes): raise data.batch_size "
+            f"or lower optimizer.grad_accum_steps")
 
 
 # --- mesh and shardings ---------------------------------------------------------------------------
@@ -106,16 +143,28 @@ def new_state(model: WanDiT, config, tx) -> TrainState:
     return state_around(trainable, frozen, config, tx)
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(parameter-init key, step-key stream) of a run: split apart, so no step's key is an init key."""
+    init_key, step_keys = jax.random.split(jax.random.key(seed))
+    return init_key, step_keys
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The key of the step `state` is about to take."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def state_around(trainable, frozen, config, tx) -> TrainState:
     """A step-0 train state around split parameters (fresh moments, EMA = the parameters)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.key(config.seed)),
+        rng=jax.random.key_data(run_keys(config.seed)[1]),
         trainable=trainable,
         frozen=frozen,
         opt_state=tx.init(trainable),
         ema=jax.tree.map(jnp.copy, trainable) if config.optimizer.ema_decay else None,
         skipped_nonfinite=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.zeros((), jnp.int32),
     )
 
 
@@ -129,25 +178,28 @@ def model_from_state(graphdef, state: TrainState, use_ema: bool = False) -> WanD
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_steps: int, ema_decay: float,
                learning_rate) -> tuple[TrainState, dict]:
     """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient leaves the
-    parameters, moments and EMA unchanged and is counted."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    parameters, moments and EMA unchanged, is counted, and the first such step is recorded.
+    `learning_rate(opt_state)` is the rate the update applies (logged)."""
 
     def loss_fn(trainable, micro_batch, example_keys):
         model = nnx.merge(graphdef, trainable, state.frozen)
-        return flow.flow_loss(model, example_keys, micro_batch, flow_cfg)[0]
+        loss, aux = flow.flow_loss(model, example_keys, micro_batch, flow_cfg)
+        return loss, flow.loss_breakdown(aux["per_example"], aux["sigma"], aux["task"])
 
     def accumulate(carry, inputs):
-        grad_sum, loss_sum = carry
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, *inputs)
-        return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+        grad_sum, loss_sum, breakdown_sum = carry
+        (loss, breakdown), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable, *inputs)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (add(grad_sum, grads), loss_sum + loss, add(breakdown_sum, breakdown)), None
 
     # One key per example: its noise is the same however the batch is split into micro-batches.
-    example_keys = jax.random.split(key, batch["target_latents"].shape[0])
+    example_keys = jax.random.split(step_key(state), batch["target_latents"].shape[0])
     # (batch, ...) → (accum, batch/accum, ...) keeping each device's rows in its own micro-batch shard.
     split = lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1)
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                    (jax.tree.map(split, batch), split(example_keys)))
+    no_breakdown = flow.loss_breakdown(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0, jnp.int32))  # of no example: zeros
+    (grads, loss, breakdown), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), no_breakdown),
+                                               (jax.tree.map(split, batch), split(example_keys)))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = loss / accum_steps
     grad_norm = optax.global_norm(grads)
@@ -165,15 +217,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
         opt_state=keep(opt_state, state.opt_state),
         ema=keep(ema, state.ema),
         skipped_nonfinite=state.skipped_nonfinite + (~finite).astype(jnp.int32),
+        first_nonfinite_step=jnp.where((state.first_nonfinite_step == 0) & ~finite, state.step + 1,
+                                       state.first_nonfinite_step),
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step), "finite": finite,
-               "skipped_nonfinite": new_state.skipped_nonfinite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.opt_state),
+               "finite": finite, "skipped_nonfinite": new_state.skipped_nonfinite, "breakdown": breakdown}
     return new_state, metrics
 
 
-def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg) -> jax.Array:
+def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg, use_ema: bool = False) -> jax.Array:
     """Validation loss at each example's fixed timestep and noise seed: comparable across runs."""
-    model = model_from_state(graphdef, state)
+    model = model_from_state(graphdef, state, use_ema)
     keys = jax.vmap(jax.random.key)(batch["noise_seed"])
     grid = jnp.asarray(flow.shifted_sigmas(flow.NUM_TRAIN_TIMESTEPS, flow_cfg.shift), jnp.float32)
     return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[0]
@@ -246,10 +300,11 @@ def build_step(config, mesh: Mesh, graphdef, abstract_state):
     tx = optim.make_optimizer(config.optimizer)
     shardings = state_shardings(abstract_state, mesh, config)
     data_sharding = sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules))
+    check_micro_batches(config, data_sharding)
     step = functools.partial(
         train_step, graphdef=graphdef, tx=tx, flow_cfg=flow_config(config),
         accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
-        learning_rate=optim.learning_rate_schedule(config.optimizer))
+        learning_rate=functools.partial(optim.applied_learning_rate, config.optimizer))
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
                      donate_argnums=0)
@@ -259,7 +314,7 @@ def build_step(config, mesh: Mesh, graphdef, abstract_state):
 def init_fn(config):
     """A function creating the step-0 train state from `config.seed`: jit it with `out_shardings`."""
     cfg, tx = model_config(config), optim.make_optimizer(config.optimizer)
-    return lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(config.seed)), config, tx)
+    return lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(run_keys(config.seed)[0])), config, tx)
 
 
 def compile_step(config, mesh: Mesh):
@@ -294,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
     writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
+    write_config(config, workdir)
     data_iterator = make_data_iterator(config)
 
     # Abstract state first; real arrays are only ever created on their shardings.
@@ -312,43 +368,70 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         state = state_from_weights(config.init_from, config, shardings)
     else:
         state = jax.jit(init_fn(config), out_shardings=shardings)()
-    eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))
+    eval_fns = {"eval_loss": jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))}
+    if config.optimizer.ema_decay:
+        eval_fns["eval_loss_ema"] = jax.jit(functools.partial(eval_loss, graphdef=graphdef,
+                                                              flow_cfg=flow_config(config), use_ema=True))
+    add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
 
     train_flops = flops.train_step_flops(cfg, config.data.latent_shape, config.data.text_len,
                                          config.trainable, config.data.batch_size)
     tokens_per_example = 2 * int(np.prod(config.data.latent_shape[:3])) // int(np.prod(cfg.patch_size))
     start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
+    breakdown = None  # the loss by task and σ bucket, summed on the device since the last log
     for step in range(start_step + 1, config.steps + 1):
         batch = to_global(next(data_iterator), data_sharding)
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
-        metrics = jax.device_get(metrics)
-        if not metrics["finite"] and not config.optimizer.skip_nonfinite:
-            manager.wait_until_finished()
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="
-                f"{metrics['grad_norm']}); stopped without saving it: the last checkpoint "
-                f"(step {manager.latest_step()}) in {workdir} is intact")
-        if step % config.log_every == 0 or step == config.steps:
+            breakdown = metrics["breakdown"] if breakdown is None else add(breakdown, metrics["breakdown"])
+        stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
+        last = step == config.steps
+        log_due = step % config.log_every == 0 or last
+        eval_due = bool(config.eval_every) and step % config.eval_every == 0
+        export_due = bool(config.export_every) and step % config.export_every == 0 or last
+        save_due = step % config.checkpoint_every == 0 or last or stop
+        if log_due or eval_due or export_due or save_due:
+            # The host waits for the device only here; between these steps it queues steps ahead.
+            check_finite(state, config, manager, workdir, step)
+        if log_due:
+            metrics, sums = jax.device_get((metrics, breakdown))
             elapsed, last_time = time.perf_counter() - last_time, time.perf_counter()
             seconds = elapsed / (step - last_log)
-            last_log = step
-            writer.write(step, _scalars(metrics, seconds, config, train_flops, tokens_per_example))
-        if config.eval_every and step % config.eval_every == 0:
-            writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
-        stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
-        checkpoint.save(manager, step, state, data_iterator, force=stop)
-        if config.export_every and step % config.export_every == 0:
+            last_log, breakdown = step, None
+            writer.write(step, {**_scalars(metrics, seconds, config, train_flops, tokens_per_example),
+                                **flow.breakdown_means(sums)})
+        if eval_due:
+            writer.write(step, evaluate(config, eval_fns, state, data_sharding))
+        if export_due:  # before the last save: a crash in between retrains the end rather than skip the export
             export(graphdef, state, config, workdir)
+        checkpoint.save(manager, step, state, data_iterator, force=last or stop)
         if stop:
             manager.wait_until_finished()
             print(f"SIGTERM: saved step {step}, exiting", flush=True)
             sys.exit(0)
     manager.wait_until_finished()
-    if int(state.step) >= config.steps:
-        export(graphdef, state, config, workdir)
     writer.close()
     return state
+
+
+def check_finite(state: TrainState, config, manager, workdir: str, step: int) -> None:
+    """Unless non-finite steps are skipped, stops at the first one, before anything after it is saved."""
+    if config.optimizer.skip_nonfinite:
+        return
+    first = int(jax.device_get(state.first_nonfinite_step))
+    if first:
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {first} (found at step {step}); stopped without saving "
+            f"it: the last checkpoint (step {manager.latest_step()}) in {workdir} is intact")
+
+
+def write_config(config, workdir: str) -> None:
+    """The run's resolved config (overrides applied) as `config.json` in the run folder, by process 0."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
 
 
 def state_from_weights(path: str, config, shardings) -> TrainState:
@@ -361,10 +444,14 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
     return jax.jit(around, out_shardings=shardings)(trainable, frozen)
 
 
-def evaluate(config, eval_fn, state, data_sharding) -> float:
-    """Mean loss over one pass of the fixed held-out examples."""
-    losses = [eval_fn(state, to_global(batch, data_sharding)) for batch in make_data_iterator(config, split="eval")]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
+    """Each eval function's mean loss over one pass of the fixed held-out examples, by its name."""
+    losses = {name: [] for name in eval_fns}
+    for batch in make_data_iterator(config, split="eval"):
+        batch = to_global(batch, data_sharding)
+        for name, eval_fn in eval_fns.items():
+            losses[name].append(eval_fn(state, batch))
+    return {name: float(np.mean(jax.device_get(values))) for name, values in losses.items()}
 
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:

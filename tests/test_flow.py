@@ -105,3 +105,44 @@ def test_model_sees_noisy_target_then_source_and_loss_covers_the_target_half_onl
     s = sigma[:, None, None, None, None]
     eps = (xt - (1 - s) * x0) / s
     np.testing.assert_allclose(loss, jnp.mean((eps - x0) ** 2), rtol=1e-4)
+
+
+def test_predicting_the_true_velocity_gives_zero_loss_and_its_negation_four_times_the_zero_loss():
+    """Pins the sign of the target: the model must predict ε − x0, not x0 − ε."""
+    batch = batch_of(jax.random.key(9))
+    x0 = batch["target_latents"]
+    frames = x0.shape[1]
+
+    def velocity(latents, timesteps, text, camera, sign=1.0):
+        s = (timesteps / 1000)[:, None, None, None, None]
+        eps = (latents[:, :frames] - (1 - s) * x0) / s
+        return jnp.concatenate([sign * (eps - x0), jnp.zeros_like(latents[:, frames:])], axis=1)
+
+    cfg = flow.FlowConfig()
+    exact, _ = flow.flow_loss(velocity, keys(10, 6), batch, cfg)
+    negated, _ = flow.flow_loss(lambda *a: velocity(*a, sign=-1.0), keys(10, 6), batch, cfg)
+    zero, _ = flow.flow_loss(lambda latents, *_: jnp.zeros_like(latents), keys(10, 6), batch, cfg)
+    assert float(exact) < 1e-6 * float(zero)
+    np.testing.assert_allclose(negated, 4 * zero, rtol=1e-4)
+
+
+def test_unknown_weighting_or_sampling_is_refused_naming_the_field():
+    sigma = jnp.full((2,), 0.5)
+    with pytest.raises(ValueError, match=r"flow.loss_weighting='uniform' is not one of"):
+        flow.loss_weight(sigma, flow.FlowConfig(loss_weighting="uniform"))
+    with pytest.raises(ValueError, match=r"flow.timestep_sampling='normal' is not one of"):
+        flow.sample_sigmas(keys(0, 2), flow.FlowConfig(timestep_sampling="normal"))
+
+
+def test_loss_breakdown_averages_by_task_and_timestep_bucket():
+    per_example = jnp.array([1.0, 2.0, 3.0, 4.0, 6.0])
+    sigma = jnp.array([0.1, 0.3, 0.6, 0.9, 1.0])
+    task = jnp.array([0, 0, 2, 1, 1])
+    sums = flow.loss_breakdown(per_example, sigma, task)
+    twice = jax.tree.map(jnp.add, sums, sums)  # sums over micro-batches or steps: the means stay
+    for breakdown in (sums, twice):
+        assert flow.breakdown_means(jax.device_get(breakdown)) == {
+            "loss_v2v": 1.5, "loss_i2v": 5.0, "loss_t2v": 3.0, "loss_sigma_0.00-0.25": 1.0,
+            "loss_sigma_0.25-0.50": 2.0, "loss_sigma_0.50-0.75": 3.0, "loss_sigma_0.75-1.00": 5.0}
+    only_v2v = flow.loss_breakdown(per_example[:1], sigma[:1], task[:1])
+    assert set(flow.breakdown_means(jax.device_get(only_v2v))) == {"loss_v2v", "loss_sigma_0.00-0.25"}
