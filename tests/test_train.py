@@ -109,6 +109,11 @@ def test_a_restart_loads_its_compiled_programs_from_the_run_folder(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path) if "time_to_first_step_s" in r] == [1, 3]
 
 
+def test_checkpoints_only_at_the_planned_steps(tmp_path):
+    train.train(tiny_config(steps=5, checkpoint_every=2), str(tmp_path))
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [2, 4]  # no step 1
+
+
 def random_model(config, seed: int) -> WanDiT:
     """A tiny model whose every weight is random (camera modules included, unlike their init)."""
     graphdef, params = nnx.split(WanDiT(train.model_config(config), rngs=nnx.Rngs(0)))
