@@ -302,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 @contextlib.contextmanager
 def compilation_cache_in(workdir: str):
-    """Compiled programs are kept in WORKDIR/compilation_cache (any path jax can write, gs:// too):
+    """Compiled programs are kept in WORKDIR/compilation_cache (a gs:// workdir too, through etils.epath):
     a restart of the run loads its train step instead of compiling it again."""
     options = {"jax_compilation_cache_dir": os.path.join(workdir, "compilation_cache"),
                "jax_persistent_cache_min_compile_time_secs": 0.0}
