@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     # Per-block rematerialisation: none, full, save_dots.
     c.model.remat = "full"
+    # Blocks stacked on a `layers` axis under one lax.scan: one block is traced and compiled, not 30.
+    # Checkpoints of a run hold one layout: keep it for the run (`init_from` converts either way).
+    c.model.scan_layers = True
     # Attention backend (recam_jax/models/attention.py): splash (TPU kernel), cudnn (GPU), xla
     # (reference; materialises L×L logits), ring / ulysses / ulysses_splash (context parallel).
     c.model.attention = "splash"

@@ -16,7 +16,9 @@ import orbax.checkpoint as ocp
 def make_manager(workdir: str, *, every: int, keep_last: int, keep_every: int) -> ocp.CheckpointManager:
     """Async saves every `every` steps; keeps the last `keep_last` and every `keep_every`-th step."""
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every,
+        # Only every `every`-th step (and forced saves): orbax's default policy would also save the
+        # first step of a run that has no checkpoint yet (its InitialSavePolicy).
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
         max_to_keep=keep_last,
         keep_period=keep_every or None,
         enable_async_checkpointing=True,

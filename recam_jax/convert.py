@@ -150,7 +150,7 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
     """
     layout = detect_layout(state_dict)
     name_of = (lambda w: w.diffusers) if layout == "diffusers" else (lambda w: w.wan)
-    model = abstract_model(cfg)
+    model = abstract_model(dataclasses.replace(cfg, scan_layers=False))  # the per-block names' layout
     state = nnx.state(model, nnx.Param)
     flat = dict(state.flat_state())
     table = weight_table(cfg)
@@ -169,7 +169,31 @@ def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source:
             value = init(None, variable.shape, variable.dtype)
         variable.set_value(to_array(value, dtype=variable.dtype))
     nnx.update(model, state)
-    return model
+    return with_block_layout(model, cfg.scan_layers)
+
+
+def with_block_layout(model: WanDiT, scan_layers: bool) -> WanDiT:
+    """The same weights with the blocks stacked on a `layers` axis (scan_layers) or one per block.
+
+    The PyTorch names address blocks one by one (`blocks.N.…` ⇄ path ("blocks", N, …)); a scanned
+    model holds ("blocks", …) with N as the leading axis. Numpy weights stay numpy.
+    """
+    if model.cfg.scan_layers == scan_layers:
+        return model
+    target = abstract_model(dataclasses.replace(model.cfg, scan_layers=scan_layers))
+    source = {path: v[...] for path, v in nnx.state(model, nnx.Param).flat_state()}
+    state = nnx.state(target, nnx.Param)
+    for path, variable in state.flat_state():
+        if path[0] != "blocks":
+            value = source[path]
+        elif scan_layers:  # ("blocks", …) ← ("blocks", N, …) for every N
+            per_block = [source[("blocks", n, *path[1:])] for n in range(model.cfg.num_layers)]
+            value = (np if isinstance(per_block[0], np.ndarray) else jnp).stack(per_block)
+        else:  # ("blocks", N, …) ← row N of ("blocks", …)
+            value = source[("blocks", *path[2:])][path[1]]
+        variable.set_value(value)
+    nnx.update(target, state)
+    return target
 
 
 def _whole_on_host(array) -> np.ndarray:
@@ -192,7 +216,7 @@ def export_weights(model: WanDiT, layout: str, dtype=None) -> dict[str, np.ndarr
     """
     if layout not in ("recammaster", "wan", "diffusers"):
         raise ValueError(f"unknown layout {layout!r}")
-    flat = dict(nnx.state(model, nnx.Param).flat_state())
+    flat = dict(nnx.state(with_block_layout(model, scan_layers=False), nnx.Param).flat_state())
     out = {}
     for w in weight_table(model.cfg):
         if layout == "wan" and w.path[-2] in CAMERA_INIT:
@@ -284,14 +308,15 @@ def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, *
     with open(config_file) as f:
         fields = json.load(f)
     cfg = cfg or DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
-    model = abstract_model(cfg)
+    # Folders written before scan_layers existed hold one entry per block.
+    model = abstract_model(dataclasses.replace(cfg, scan_layers=fields.get("scan_layers", False)))
     abstract_params = nnx.state(model, nnx.Param)
     if on_host:  # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
         abstract_params = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(path, "params"), abstract_params)
     nnx.update(model, params)
-    return model
+    return with_block_layout(model, cfg.scan_layers)
 
 
 def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,

@@ -9,6 +9,7 @@ restarting with the same workdir resumes from the latest checkpoint (SIGTERM sav
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -24,6 +25,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
@@ -56,7 +58,7 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict):
     c = config.model
     return dit_config(c.variant, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, attention=c.attention,
-                      text_dim=config.data.text_dim)
+                      scan_layers=c.scan_layers, text_dim=config.data.text_dim)
 
 
 def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
@@ -317,10 +319,10 @@ def init_fn(config):
     return lambda: new_state(WanDiT(cfg, rngs=nnx.Rngs(run_keys(config.seed)[0])), config, tx)
 
 
-def compile_step(config, mesh: Mesh):
-    """The train step AOT-compiled for `mesh` from shapes alone (nothing is allocated).
+def lower_step(config, mesh: Mesh):
+    """The train step traced and lowered for `mesh` from shapes alone (nothing is allocated).
 
-    Returns (compiled step, graphdef, abstract state, state shardings, batch sharding); call inside
+    Returns (lowered step, graphdef, abstract state, state shardings, batch sharding); call inside
     `jax.set_mesh(mesh)` and the config's logical axis rules, as the trainer does.
     """
     abstract_state = jax.eval_shape(init_fn(config))
@@ -328,8 +330,14 @@ def compile_step(config, mesh: Mesh):
     graphdef = split_model(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), config.trainable)[0]
     step_fn, shardings, data_sharding = build_step(config, mesh, graphdef, abstract_state)
     check_parameters_sharded(abstract_state, shardings, mesh, config)
-    compiled = step_fn.lower(abstract_state, abstract_batch(config, data_sharding)).compile()
-    return compiled, graphdef, abstract_state, shardings, data_sharding
+    lowered = step_fn.lower(abstract_state, abstract_batch(config, data_sharding))
+    return lowered, graphdef, abstract_state, shardings, data_sharding
+
+
+def compile_step(config, mesh: Mesh):
+    """`lower_step`, AOT-compiled: (compiled step, graphdef, abstract state, shardings, batch sharding)."""
+    lowered, *rest = lower_step(config, mesh)
+    return lowered.compile(), *rest
 
 
 def abstract_batch(config, data_sharding):
@@ -342,12 +350,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Runs (or resumes) training in `workdir` until `config.steps`; returns the final state."""
     check_config(config)
     mesh = make_mesh(config)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)), \
-            Preemption() as preemption:
+    with compilation_cache_in(workdir), jax.set_mesh(mesh), \
+            nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)), Preemption() as preemption:
         return _train_on_mesh(config, workdir, mesh, preemption)
 
 
+@contextlib.contextmanager
+def compilation_cache_in(workdir: str):
+    """Compiled programs are kept in WORKDIR/compilation_cache (a gs:// workdir too, through etils.epath):
+    a restart of the run loads its train step instead of compiling it again."""
+    options = {"jax_compilation_cache_dir": os.path.join(workdir, "compilation_cache"),
+               "jax_persistent_cache_min_compile_time_secs": 0.0}
+    previous = {name: getattr(jax.config, name) for name in options}
+    _set_compilation_cache(options)
+    try:
+        yield
+    finally:
+        _set_compilation_cache(previous)
+
+
+def _set_compilation_cache(options: dict) -> None:
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # jax opens its cache folder once: make it open this one
+
+
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
+    started = time.perf_counter()
     writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
     write_config(config, workdir)
     data_iterator = make_data_iterator(config)
@@ -384,6 +413,9 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
             breakdown = metrics["breakdown"] if breakdown is None else add(breakdown, metrics["breakdown"])
+        if step == start_step + 1:  # what a (re)start costs: compiling (or loading) the step, restoring
+            jax.block_until_ready(state)
+            writer.write(step, {"time_to_first_step_s": time.perf_counter() - started})
         stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
         last = step == config.steps
         log_due = step % config.log_every == 0 or last

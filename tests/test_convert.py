@@ -1,5 +1,6 @@
 """Weight conversion: exact round trips, official key layout, safe loading, clear errors."""
 
+import dataclasses
 import os
 import re
 
@@ -13,12 +14,12 @@ from recam_jax import convert, torch_io
 from recam_jax.models.dit import WanDiT, dit_config
 
 
-def trained_tiny_model(seed=0):
+def trained_tiny_model(seed=0, scan_layers=True):
     """A tiny model whose camera weights are random (not at init), so round trips mean something."""
-    model = WanDiT(dit_config("tiny", dtype="float32"), rngs=nnx.Rngs(seed))
-    for block in model.blocks:
-        for module in (block.cam_encoder, block.projector):
-            module.kernel[...] = jax.random.normal(jax.random.key(seed + 1), module.kernel.shape)
+    model = WanDiT(dit_config("tiny", dtype="float32", scan_layers=scan_layers), rngs=nnx.Rngs(seed))
+    for path, kernel in nnx.state(model, nnx.Param).flat_state():
+        if path[-2] in ("cam_encoder", "projector") and path[-1] == "kernel":
+            kernel[...] = jax.random.normal(jax.random.key(seed + 1), kernel.shape)
     return model
 
 
@@ -31,6 +32,12 @@ def assert_bit_exact(a, b):
     assert pa.keys() == pb.keys()
     for path in pa:
         assert pa[path].dtype == pb[path].dtype and np.array_equal(pa[path], pb[path]), path
+
+
+def block_param(model, n, *path):
+    """Block n's parameter in either layout: its own entry (unrolled) or row n of the stacked one."""
+    flat = params_of(model)
+    return flat[("blocks", *path)][n] if model.cfg.scan_layers else flat[("blocks", n, *path)]
 
 
 def diffsynth_recammaster_shapes(dim, ffn, text_dim, freq_dim, layers, in_dim=16, out_dim=16, patch=(1, 2, 2)):
@@ -59,13 +66,16 @@ def diffsynth_recammaster_shapes(dim, ffn, text_dim, freq_dim, layers, in_dim=16
     return shapes
 
 
-def test_recammaster_ckpt_round_trip_is_bit_exact_with_official_keys(tmp_path):
-    model = trained_tiny_model()
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_recammaster_ckpt_round_trip_is_bit_exact_with_official_keys(tmp_path, scan_layers):
+    model = trained_tiny_model(scan_layers=scan_layers)
     path = str(tmp_path / "step20000.ckpt")
     convert.save_pytorch(model, path)
     state = torch.load(path, weights_only=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == diffsynth_recammaster_shapes(64, 128, 32, 32, 2)
-    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32"))
+    np.testing.assert_array_equal(state["blocks.1.self_attn.q.weight"].numpy(),
+                                  block_param(model, 1, "self_attn", "q", "kernel").T)
+    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32", scan_layers=scan_layers))
 
 
 def test_diffusers_folder_round_trip_is_bit_exact(tmp_path):
@@ -81,10 +91,10 @@ def test_base_wan_safetensors_gets_camera_modules_at_official_init(tmp_path):
     path = str(tmp_path / "wan.safetensors")
     convert.save_pytorch(model, path)  # the wan layout has no camera modules
     restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
-    for block in restored.blocks:
-        np.testing.assert_array_equal(block.cam_encoder.kernel[...], 0)
-        np.testing.assert_array_equal(block.projector.kernel[...], np.eye(64))
-        np.testing.assert_array_equal(block.projector.bias[...], 0)
+    for n in range(restored.cfg.num_layers):
+        np.testing.assert_array_equal(block_param(restored, n, "cam_encoder", "kernel"), 0)
+        np.testing.assert_array_equal(block_param(restored, n, "projector", "kernel"), np.eye(64))
+        np.testing.assert_array_equal(block_param(restored, n, "projector", "bias"), 0)
 
 
 def test_sharded_safetensors_with_index(tmp_path):
@@ -96,8 +106,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         f.write('{"weight_map": {%s}}' % ", ".join(f'"{k}": "{file}"' for file, ks in halves.items() for k in ks))
     restored = convert.load_pytorch(str(tmp_path), num_heads=4, dtype="float32")
-    flat = params_of(restored)
-    np.testing.assert_array_equal(flat[("blocks", 1, "ffn", "fc2", "kernel")], state["blocks.1.ffn.2.weight"].T)
+    np.testing.assert_array_equal(block_param(restored, 1, "ffn", "fc2", "kernel"), state["blocks.1.ffn.2.weight"].T)
 
 
 def test_bf16_export(tmp_path):
@@ -105,7 +114,7 @@ def test_bf16_export(tmp_path):
     convert.save_pytorch(trained_tiny_model(), path, dtype="bfloat16")
     assert {v.dtype for v in torch.load(path, weights_only=True).values()} == {torch.bfloat16}
     restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
-    assert restored.blocks[0].self_attn.q.kernel[...].dtype == np.float32
+    assert restored.blocks.self_attn.q.kernel[...].dtype == np.float32
 
 
 def test_orbax_round_trip_and_cli(tmp_path):
@@ -116,6 +125,19 @@ def test_orbax_round_trip_and_cli(tmp_path):
     convert.main([str(tmp_path / "params"), str(tmp_path / "out.ckpt")])
     original, again = torch.load(ckpt, weights_only=True), torch.load(str(tmp_path / "out.ckpt"), weights_only=True)
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+@pytest.mark.parametrize("saved_scanned", [True, False])
+def test_orbax_params_load_into_either_block_layout(tmp_path, saved_scanned):
+    model = trained_tiny_model(scan_layers=saved_scanned)
+    convert.save_orbax(model, str(tmp_path / "params"))
+    for scan_layers in (True, False):
+        loaded = convert.load_orbax(str(tmp_path / "params"), dataclasses.replace(model.cfg, scan_layers=scan_layers))
+        assert loaded.cfg.scan_layers == scan_layers
+        for n in range(model.cfg.num_layers):
+            for path in (("self_attn", "q", "kernel"), ("cam_encoder", "kernel"), ("modulation",)):
+                np.testing.assert_array_equal(block_param(loaded, n, *path), block_param(model, n, *path))
+        assert_bit_exact(model, convert.with_block_layout(loaded, saved_scanned))
 
 
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):

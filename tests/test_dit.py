@@ -53,10 +53,11 @@ def relative_error(out, ref):
     return float(np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("grid", [(3, 6, 10), (2, 8, 4)])
-def test_matches_diffusers_on_random_weights(grid):
+def test_matches_diffusers_on_random_weights(grid, scan_layers):
     reference = tiny_diffusers()
-    model = to_flax(numpy_state(reference))
+    model = to_flax(numpy_state(reference), scan_layers=scan_layers)
     latents, timesteps, text = random_inputs(1, *grid)
     out = model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text))
     assert relative_error(out, torch_forward(reference, latents, timesteps, text)) <= TOLERANCE
@@ -81,7 +82,8 @@ def camera_reference(model, cam_encoders, projectors, latents, timesteps, text, 
             handle.remove()
 
 
-def test_camera_path_matches_reference_with_trained_weights():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_camera_path_matches_reference_with_trained_weights(scan_layers):
     reference = tiny_diffusers(seed=1)
     dim = HEADS * HEAD_DIM
     torch.manual_seed(2)
@@ -91,7 +93,7 @@ def test_camera_path_matches_reference_with_trained_weights():
     for i, (enc, proj) in enumerate(zip(cam_encoders, projectors)):
         state.update({f"blocks.{i}.cam_encoder.{k}": v.detach().numpy() for k, v in enc.state_dict().items()})
         state.update({f"blocks.{i}.projector.{k}": v.detach().numpy() for k, v in proj.state_dict().items()})
-    model = to_flax(state)
+    model = to_flax(state, scan_layers=scan_layers)
     latents, timesteps, text = random_inputs(3, 6, 6, 10)  # 3 target + 3 source latent frames
     camera = np.random.default_rng(4).standard_normal((3, 3, 12)).astype(np.float32)
     out = model(jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(text), jnp.asarray(camera))
@@ -135,9 +137,10 @@ def test_rejects_latents_not_divisible_by_patch():
         model(jnp.zeros((1, 2, 5, 6, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv", "offload"])
-def test_remat_and_bf16_compute_keep_the_function(remat):
-    cfg = dit_config("tiny", dtype="float32")
+def test_remat_and_bf16_compute_keep_the_function(remat, scan_layers):
+    cfg = dit_config("tiny", dtype="float32", scan_layers=scan_layers)
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
     latents = jax.random.normal(jax.random.key(0), (2, 4, 4, 6, 16))
     args = (latents, jnp.array([3.0, 700.0]), jax.random.normal(jax.random.key(1), (2, 5, 32)),
@@ -156,11 +159,26 @@ def test_remat_and_bf16_compute_keep_the_function(remat):
     assert relative_error(bf16_model(*args), np.asarray(model(*args))) < 3e-2
 
 
-def test_save_qkv_keeps_exactly_the_q_k_v_projections(capsys):
-    model = WanDiT(dit_config("tiny", dtype="float32", remat="save_qkv"), rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
+def saved_residuals(cfg, capsys) -> list[str]:
+    """The lines of jax's residual report for the backward of the DiT's output sum."""
+    graphdef, state = nnx.split(WanDiT(cfg, rngs=nnx.Rngs(0)))
     args = (jnp.zeros((1, 2, 4, 4, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)), jnp.zeros((1, 1, 12)))
     jax.ad_checkpoint.print_saved_residuals(lambda s: jnp.sum(nnx.merge(graphdef, s)(*args)), state)
-    named = [line for line in capsys.readouterr().out.splitlines() if " named " in line]
+    return capsys.readouterr().out.splitlines()
+
+
+def test_save_qkv_keeps_exactly_the_q_k_v_projections(capsys):
+    lines = saved_residuals(dit_config("tiny", dtype="float32", remat="save_qkv", scan_layers=False), capsys)
+    named = [line for line in lines if " named " in line]
     # 2 blocks × (self- and cross-attention) × (q, k, v)
     assert len(named) == 12 and all(any(f"'{n}'" in line for n in QKV_NAMES) for line in named)
+
+
+def test_save_qkv_under_scan_keeps_the_q_k_v_projections_and_the_block_input(capsys):
+    # A scan's residuals carry no names: each is stacked over the layers (2 here) and, tokens (8) or
+    # text (3) long, has the width 64 of a projection or of the block input the scan carries.
+    lines = saved_residuals(dit_config("tiny", dtype="float32", remat="save_qkv"), capsys)
+    stacked = sorted(line.split()[0] for line in lines if "output of scan" in line)
+    assert stacked == ["f32[2,1,3,64]"] * 2 + ["f32[2,1,8,64]"] * 5  # cross k, v; q ×2, self k, v, input
+    full = saved_residuals(dit_config("tiny", dtype="float32", remat="full"), capsys)
+    assert [line.split()[0] for line in full if "output of scan" in line] == ["f32[2,1,8,64]"]  # the input only

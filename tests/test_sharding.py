@@ -25,9 +25,10 @@ TOLERANCE = 1e-5  # relative L2 error in float32
 
 
 @functools.cache
-def abstract_params(variant):
+def abstract_params(variant, scan_layers=True):
     """The nnx Param state of a DiT as shapes only (nothing allocated; ~15 s to trace the 1.3B)."""
-    return nnx.state(nnx.eval_shape(lambda: WanDiT(dit_config(variant), rngs=nnx.Rngs(0))), nnx.Param)
+    cfg = dit_config(variant, scan_layers=scan_layers)
+    return nnx.state(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
 def spec_dump(abstract_state, rules=sharding.DEFAULT_RULES) -> dict[str, list]:
@@ -110,6 +111,15 @@ def test_golden_param_specs_of_the_1_3B_model():
     with open(GOLDEN) as f:
         golden = json.load(f)
     assert spec_dump(abstract_params("1.3B")) == golden, "regenerate with `JAX_PLATFORMS=cpu python -m tests.test_sharding` if intended"
+
+
+def test_stacked_blocks_are_sharded_like_one_block_and_whole_along_layers():
+    stacked, unrolled = spec_dump(abstract_params("tiny")), spec_dump(abstract_params("tiny", scan_layers=False))
+    per_block = {key.replace("['blocks'][1]", "['blocks']"): [None, *spec]
+                 for key, spec in unrolled.items() if key.startswith("['blocks'][1]")}
+    assert per_block and all(stacked[key] == spec for key, spec in per_block.items())
+    assert {k: v for k, v in stacked.items() if k not in per_block} == {
+        k: v for k, v in unrolled.items() if not k.startswith("['blocks']")}
 
 
 def test_guard_passes_default_rules_and_rejects_replicated_params():

@@ -62,8 +62,8 @@ def test_frozen_parameters_stay_bit_identical_and_only_trainables_have_moments(t
     assert {p for p, _ in adam.mu.flat_state()} == trainable_paths == {p for p, _ in adam.nu.flat_state()}
     exported = convert.load_pytorch(str(tmp_path / "exports" / "recammaster_step5.ckpt"),
                                     train.model_config(config))
-    np.testing.assert_array_equal(exported.blocks[0].self_attn.q.kernel[...],
-                                  final.trainable["blocks"][0]["self_attn"]["q"]["kernel"][...])
+    np.testing.assert_array_equal(exported.blocks.self_attn.q.kernel[...],
+                                  final.trainable["blocks"]["self_attn"]["q"]["kernel"][...])
 
 
 def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
@@ -82,15 +82,37 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     for got, want, want_sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
         assert got.sharding == want_sharding
         np.testing.assert_array_equal(got, want)
-    q_kernel = restored.trainable["blocks"][0]["self_attn"]["q"]["kernel"][...]
-    assert q_kernel.sharding.spec[0] == "fsdp"
-    assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.shape == (8, 64)
+    q_kernel = restored.trainable["blocks"]["self_attn"]["q"]["kernel"][...]  # (layers, embed, heads)
+    assert q_kernel.sharding.spec[:2] == (None, "fsdp")
+    assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.shape == (2, 8, 64)
     assert leaves_equal(restored.opt_state, saved.opt_state) and leaves_equal(restored.ema, saved.ema)
     # The data iterator resumes after the 4 batches already consumed.
     fresh = train.make_data_iterator(config)
     for _ in range(4):
         next(fresh)
     assert leaves_equal(next(data_iterator), next(fresh))
+
+
+def test_a_restart_loads_its_compiled_programs_from_the_run_folder(tmp_path):
+    config = tiny_config(steps=2, checkpoint_every=2)
+    train.train(config, str(tmp_path))
+    assert os.listdir(tmp_path / "compilation_cache")  # the first start wrote its programs there
+    cache_hits = []
+    listener = lambda event, **kwargs: cache_hits.append(event) if event.endswith("/cache_hits") else None
+    jax.monitoring.register_event_listener(listener)
+    try:
+        config.steps = 3
+        train.train(config, str(tmp_path))  # resumes at step 2
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert cache_hits  # the restart found its programs in the run folder
+    # Each start logs how long it took to reach its first step.
+    assert [r["step"] for r in read_metrics(tmp_path) if "time_to_first_step_s" in r] == [1, 3]
+
+
+def test_checkpoints_only_at_the_planned_steps(tmp_path):
+    train.train(tiny_config(steps=5, checkpoint_every=2), str(tmp_path))
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [2, 4]  # no step 1
 
 
 def random_model(config, seed: int) -> WanDiT:

@@ -54,6 +54,9 @@ class DiTConfig:
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype; norms, RoPE, softmax statistics and modulation stay fp32
     remat: str = "none"  # one of REMAT_POLICIES: none, full, save_dots, save_qkv, offload
+    # Blocks stacked on a `layers` axis and run by one lax.scan (traced and compiled once, not
+    # num_layers times); False: a Python list of blocks, unrolled.
+    scan_layers: bool = True
     attention: str = "xla"  # a backend of models/attention.py
 
     @property
@@ -159,6 +162,17 @@ class DiTBlock(nnx.Module):
         return (by_frame + emb[:, None, :, None, :]).reshape(tokens.shape)
 
 
+def stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
+    """num_layers blocks as one DiTBlock whose parameters have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return DiTBlock(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
 class Head(nnx.Module):
     """Final modulated LayerNorm and projection to out_dim · prod(patch) per token."""
 
@@ -190,7 +204,10 @@ class WanDiT(nnx.Module):
                                   dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs)
         self.time_projection = dense(cfg.dim, 6 * cfg.dim, ("embed", "mlp"),
                                      dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.blocks = stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.head = Head(cfg, rngs=rngs)
 
     def __call__(self, latents, timestep, text, camera=None):
@@ -211,9 +228,15 @@ class WanDiT(nnx.Module):
         # jax.checkpoint of a pure function of the block's state: nnx.remat refuses a block whose
         # parameters come from two traces (trainable and frozen halves merged inside value_and_grad).
         if REMAT_POLICIES[cfg.remat] is not None:
-            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
-        for block in self.blocks:
-            x = run_block(*nnx.split(block), x)
+            # Inside a scan, CSE cannot merge the recomputation across iterations: no barrier needed.
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
+                                       prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            block_def, stacked_state = nnx.split(self.blocks)
+            x = jax.lax.scan(lambda x, block_state: (run_block(block_def, block_state, x), None), x, stacked_state)[0]
+        else:
+            for block in self.blocks:
+                x = run_block(*nnx.split(block), x)
         return self._unpatchify(self.head(x, t_emb).astype(jnp.float32), grid)
 
     def _token_grid(self, shape) -> tuple[int, int, int]:
