@@ -180,15 +180,19 @@ def _parse_record(text: str, source: str) -> dict:
 
 
 def _write_record(record: dict, location: str) -> None:
-    torch_io._atomic_write(location, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=2)))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    torch_io._atomic_write(location, write)
 
 
-def check_record(cfg: DiTConfig, record: dict | None, source: str) -> None:
-    """Refuses a config that contradicts the record of the weights it is about to load."""
+def check_record(cfg: DiTConfig, record: dict | None, source: str, other: str = "asked for") -> None:
+    """Refuses a config (`other`: where it comes from) that contradicts the record of the weights."""
     if record is None:
         return
-    wrong = [f"{field}: the record says {value}, asked for {getattr(cfg, field)}"
-             for field, value in record["dit"].items() if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(getattr(cfg, field)))]
+    wrong = [f"{field}: the record says {value}, {other} {getattr(cfg, field)}" for field, value in record["dit"].items()
+             if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(getattr(cfg, field)))]
     if wrong:
         raise CheckpointError(f"{source}: the weights were saved as a different model; " + "; ".join(wrong))
 
@@ -257,9 +261,9 @@ def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, reco
     sizes = _read_sizes(shapes, name, source)
     if record is not None:
         fields = {**record["dit"], **sizes}
-        check_record(DiTConfig(**fields), record, source)
+        check_record(DiTConfig(**fields), record, source, other="the tensor shapes say")
         fields.update(num_heads=num_heads or record["dit"]["num_heads"])
-        check_record(DiTConfig(**fields), record, f"{source} (--num_heads)")
+        check_record(DiTConfig(**fields), record, source)
     else:
         fields = {**sizes, "num_heads": num_heads or _official_heads(sizes, source)}
     if fields["dim"] % fields["num_heads"]:
