@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import weakref
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -215,6 +216,28 @@ def test_truncated_safetensors_is_a_clear_error_and_nothing_is_written(tmp_path)
     with pytest.raises(torch_io.CheckpointError, match="wan.safetensors"):
         convert.main([path, str(tmp_path / "out.ckpt")])
     assert sorted(os.listdir(tmp_path)) == ["wan.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_files_are_written_one_tensor_at_a_time(tmp_path, suffix):
+    """At most the tensor being written and the one before it are alive (counted by weakref finalizers)."""
+    alive, most = [0], [0]
+
+    def load(i):
+        array = np.full((64, 64), i, np.float32)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(array, lambda: alive.__setitem__(0, alive[0] - 1))
+        return array
+
+    tensors = {f"t{i}": torch_io.LazyTensor((64, 64), np.dtype(np.float32), lambda i=i: load(i)) for i in range(20)}
+    path = str(tmp_path / f"m{suffix}")
+    torch_io.save_state_dict(tensors, path)
+    assert most[0] <= 2
+    reference = str(tmp_path / "torch_save.ckpt")
+    torch.save({f"t{i}": torch.full((64, 64), float(i)) for i in range(20)}, reference)
+    written, expected = torch_io.open_state_dict(path), torch_io.open_state_dict(reference)
+    assert sorted(written) == sorted(expected) and all(np.array_equal(written[k], expected[k]) for k in expected)
 
 
 class NotATensor:
