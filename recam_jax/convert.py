@@ -2,22 +2,30 @@
 
 Layouts (detected automatically on import):
 - `wan`: the original Wan2.1 / DiffSynth `WanModel` names (`blocks.N.self_attn.q.weight`, ...), a
-  single `.safetensors` or a sharded one with an index json (as the 14B ships);
+  single `.safetensors` or a sharded one with an index json (as the 14B ships: pass its folder);
 - `recammaster`: `wan` plus `blocks.N.cam_encoder.*` and `blocks.N.projector.*` (the released
   `step20000.ckpt`, a `torch.save` of the state dict);
 - `diffusers`: `WanTransformer3DModel` names (camera modules, if any, under the same extra names).
 A checkpoint without camera modules gets them at ReCamMaster's official init (a no-op).
 
-    python -m recam_jax.convert IN OUT [--num-heads N] [--dtype bfloat16]
+    python -m recam_jax.convert IN OUT [--num_heads N] [--dtype bfloat16]
 
-IN and OUT are PyTorch files (`.ckpt`/`.pth` → recammaster layout, `.safetensors` → wan layout, a
-folder ending in `diffusers` → a diffusers model folder) or an orbax folder (anything else), the
-format the trainer restores. The model size is read off the tensor shapes.
+IN and OUT are PyTorch files (`.ckpt`/`.pth` and `.safetensors` → recammaster layout, a folder
+ending in `diffusers` → a diffusers model folder; IN may also be a folder of sharded safetensors
+with their index) or an orbax folder (anything else), the format the trainer restores. Tensors
+keep their dtype unless `--dtype` is given, and are converted one at a time.
+
+The model record: tensor shapes do not tell the number of attention heads, so every export writes
+the model's config and the training flow shift beside the weights (`read_model_record`): in the
+`.safetensors` header, in `FILE.recam_jax.json` beside a `.ckpt`, in `recam_jax.json` inside a
+folder. A file without one (the official Wan / ReCamMaster releases) must be an official Wan2.1
+size, or be given `--num_heads`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -31,9 +39,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from recam_jax import torch_io
-from recam_jax.models.dit import CAMERA_INIT, DiTConfig, WanDiT
-
-WAN_HEAD_DIM = 128  # every released Wan2.1 size uses 128-wide heads
+from recam_jax.models.dit import CAMERA_INIT, VARIANTS, DiTConfig, WanDiT
+from recam_jax.torch_io import CheckpointError, LazyTensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ def _linear(wan: str, diffusers: str, path: tuple) -> list[Weight]:
 
 
 def _block_weights(i: int, camera: bool) -> list[Weight]:
+    """The names of block `i`'s tensors; Flax paths are ("blocks", i, ...) in the model's flat state."""
     wan, dif, path = f"blocks.{i}", f"blocks.{i}", ("blocks", i)
     weights = [Weight(f"{wan}.modulation", f"{dif}.scale_shift_table", (*path, "modulation"), "copy"),
                Weight(f"{wan}.norm3.weight", f"{dif}.norm2.weight", (*path, "norm3", "scale"), "copy"),
@@ -86,6 +94,10 @@ def weight_table(cfg: DiTConfig) -> list[Weight]:
     return weights
 
 
+def _is_camera(weight: Weight) -> bool:
+    return weight.path[-2] in CAMERA_INIT
+
+
 # Axis order of the PyTorch tensor in terms of the Flax array's axes, per kind of weight.
 TORCH_AXES = {"linear": (1, 0), "conv": (4, 3, 0, 1, 2), "copy": None}
 
@@ -100,6 +112,11 @@ def to_flax_layout(array: np.ndarray, kind: str) -> np.ndarray:
     return array if axes is None else array.transpose(np.argsort(axes))
 
 
+def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
+    axes = TORCH_AXES[kind]
+    return tuple(flax_shape) if axes is None else tuple(flax_shape[a] for a in axes)
+
+
 def detect_layout(names) -> str:
     """'diffusers', 'recammaster' or 'wan' from the tensor names."""
     names = set(names)
@@ -107,69 +124,219 @@ def detect_layout(names) -> str:
         return "diffusers"
     if "time_projection.1.weight" in names:
         return "recammaster" if "blocks.0.cam_encoder.weight" in names else "wan"
-    raise torch_io.CheckpointError(
+    raise CheckpointError(
         "not a Wan2.1 DiT checkpoint: found neither 'time_projection.1.weight' (Wan/ReCamMaster layout) nor "
         "'condition_embedder.time_proj.weight' (diffusers layout)")
 
 
-def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, **overrides) -> DiTConfig:
-    """The DiT size read off a checkpoint's tensor shapes (heads: Wan's 128-wide unless given)."""
+# --- the model record: what the tensor shapes do not say --------------------------------------------
+
+RECORD_KEY = "recam_jax"  # key of the record in a .safetensors header's metadata
+RECORD_FILE = "recam_jax.json"  # the record inside a folder (orbax params, diffusers folder)
+RECORD_SUFFIX = ".recam_jax.json"  # the record beside a file: step20000.ckpt.recam_jax.json
+LEGACY_CONFIG_FILE = "dit_config.json"  # orbax folders written before the record (no shift)
+# The architecture; dtypes, remat and attention backend are choices of the run, not of the weights.
+ARCHITECTURE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim",
+                "patch_size", "eps", "camera")
+SIZES = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
+
+
+def model_record(cfg: DiTConfig, shift: float | None = None) -> dict:
+    """{"dit": the architecture of `cfg`, "flow_shift": the σ shift it was trained with (None: unknown)}."""
+    dit = {field: getattr(cfg, field) for field in ARCHITECTURE}
+    return {"dit": {**dit, "patch_size": list(cfg.patch_size)}, "flow_shift": shift}
+
+
+def _record_location(path: str) -> str:
+    path = os.path.normpath(path)
+    return os.path.join(path, RECORD_FILE) if os.path.isdir(path) or _is_diffusers_dir(path) else path + RECORD_SUFFIX
+
+
+def read_model_record(path: str) -> dict | None:
+    """The model record written with the weights at `path` (see `model_record`), or None if they have none."""
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        text = torch_io.open_state_dict(path).metadata.get(RECORD_KEY)
+        if text is not None:
+            return _parse_record(text, f"{path} (header metadata '{RECORD_KEY}')")
+    location = _record_location(path)
+    legacy = os.path.join(path, LEGACY_CONFIG_FILE)
+    if not os.path.exists(location) and os.path.exists(legacy):
+        with open(legacy) as f:
+            return _parse_record(json.dumps({"dit": json.load(f), "flow_shift": None}), legacy)
+    if not os.path.exists(location):
+        return None
+    with open(location) as f:
+        return _parse_record(f.read(), location)
+
+
+def _parse_record(text: str, source: str) -> dict:
+    try:
+        record = json.loads(text)
+        dit = {field: record["dit"][field] for field in ARCHITECTURE}
+        shift = record["flow_shift"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: not a recam_jax model record (missing or bad {e})") from e
+    return {"dit": {**dit, "patch_size": tuple(dit["patch_size"])}, "flow_shift": shift}
+
+
+def _write_record(record: dict, location: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    torch_io._atomic_write(location, write)
+
+
+def check_record(cfg: DiTConfig, record: dict | None, source: str, other: str = "asked for") -> None:
+    """Refuses a config (`other`: where it comes from) that contradicts the record of the weights."""
+    if record is None:
+        return
+    wrong = [f"{field}: the record says {value}, {other} {getattr(cfg, field)}" for field, value in record["dit"].items()
+             if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(getattr(cfg, field)))]
+    if wrong:
+        raise CheckpointError(f"{source}: the weights were saved as a different model; " + "; ".join(wrong))
+
+
+# --- the model size from the tensor shapes ----------------------------------------------------------
+
+# Where each size shows in the tensor shapes (official names, axis): every tensor that shows it votes,
+# so one wrong-shaped tensor is outvoted and then reported by itself. out_channels = out_dim·prod(patch).
+_GLOBAL_SPOTS = {
+    "dim": [("patch_embedding.weight", 0), ("patch_embedding.bias", 0), ("text_embedding.0.weight", 0),
+            ("text_embedding.2.weight", 0), ("text_embedding.2.weight", 1), ("time_embedding.0.weight", 0),
+            ("time_embedding.2.weight", 0), ("time_embedding.2.weight", 1), ("time_projection.1.weight", 1),
+            ("head.head.weight", 1), ("head.modulation", 2)],
+    "in_dim": [("patch_embedding.weight", 1)],
+    "text_dim": [("text_embedding.0.weight", 1)],
+    "freq_dim": [("time_embedding.0.weight", 1)],
+    "out_channels": [("head.head.weight", 0), ("head.head.bias", 0)],
+}
+_BLOCK_SPOTS = {
+    "dim": [("modulation", 2), ("norm3.weight", 0), ("self_attn.q.weight", 1), ("self_attn.o.weight", 0),
+            ("cross_attn.q.weight", 1), ("cross_attn.o.weight", 0), ("ffn.0.weight", 1), ("ffn.2.weight", 0)],
+    "ffn_dim": [("ffn.0.weight", 0), ("ffn.0.bias", 0), ("ffn.2.weight", 1)],
+}
+# The released Wan2.1 text-to-video sizes, recognised without a record.
+OFFICIAL_SIZES = {name: DiTConfig(**VARIANTS[name]) for name in ("1.3B", "14B")}
+
+
+def _vote(field: str, readings: list[tuple[str, int]], source: str) -> int:
+    """The value most tensors show for `field`; a tie is refused, naming the tensors."""
+    if not readings:
+        raise CheckpointError(f"{source}: cannot read {field} from the tensor shapes: none of its tensors is present")
+    (value, votes), *others = collections.Counter(v for _, v in readings).most_common()
+    if others and others[0][1] == votes:
+        raise CheckpointError(f"{source}: the tensors disagree on {field}: " +
+                              ", ".join(f"{name} says {v}" for name, v in readings))
+    return value
+
+
+def _read_sizes(shapes: Mapping[str, tuple], name, source: str) -> dict:
+    """The architecture sizes shown by the tensor shapes (`name`: official name → name in the file)."""
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    spots = collections.defaultdict(list, {f: list(s) for f, s in _GLOBAL_SPOTS.items()})
+    for i in sorted(blocks):
+        for field, block_spots in _BLOCK_SPOTS.items():
+            spots[field] += [(f"blocks.{i}.{key}", axis) for key, axis in block_spots]
+    readings = {field: [(name(t), shapes[name(t)][axis]) for t, axis in where
+                        if name(t) in shapes and len(shapes[name(t)]) > axis] for field, where in spots.items()}
+    patch_shape = shapes.get(name("patch_embedding.weight"), ())
+    if len(patch_shape) != 5 or not blocks:
+        raise CheckpointError(f"{source}: cannot read the model size: expected a 5-d 'patch_embedding.weight' "
+                              f"and 'blocks.N.*' tensors, found {name('patch_embedding.weight')} {patch_shape}, "
+                              f"{len(blocks)} blocks")
+    sizes = {field: _vote(field, r, source) for field, r in readings.items()}
+    patch = tuple(int(p) for p in patch_shape[2:])
+    sizes["out_dim"] = sizes.pop("out_channels") // int(np.prod(patch))
+    return {**sizes, "patch_size": patch, "num_layers": max(blocks) + 1}
+
+
+def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, record: dict | None = None,
+                 source: str = "checkpoint", **overrides) -> DiTConfig:
+    """The DiT a checkpoint holds: sizes read off its tensor shapes, the head count from `num_heads`,
+    else from its model `record`, else from the official Wan2.1 size it matches; anything else is refused."""
     layout = detect_layout(shapes)
     table = {w.wan: w.diffusers for w in weight_table(DiTConfig(1, 1, 1, 1))}
-    name = (lambda wan: table[wan]) if layout == "diffusers" else (lambda wan: wan)
-    try:
-        dim, in_dim = shapes[name("patch_embedding.weight")][:2]
-        patch = tuple(shapes[name("patch_embedding.weight")][2:])
-        blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-        cfg = dict(
-            dim=dim, in_dim=in_dim, patch_size=patch, num_layers=max(blocks) + 1,
-            ffn_dim=shapes[name("blocks.0.ffn.0.weight")][0],
-            num_heads=num_heads or max(dim // WAN_HEAD_DIM, 1),
-            text_dim=shapes[name("text_embedding.0.weight")][1],
-            freq_dim=shapes[name("time_embedding.0.weight")][1],
-            out_dim=shapes[name("head.head.weight")][0] // int(np.prod(patch)),
-        )
-    except (KeyError, ValueError) as e:
-        raise torch_io.CheckpointError(f"cannot read the model size from the checkpoint: missing {e}") from e
-    return DiTConfig(**{**cfg, **overrides})
+    name = (lambda wan: _diffusers_name(wan, table)) if layout == "diffusers" else (lambda wan: wan)
+    sizes = _read_sizes(shapes, name, source)
+    if record is not None:
+        fields = {**record["dit"], **sizes}
+        check_record(DiTConfig(**fields), record, source, other="the tensor shapes say")
+        fields.update(num_heads=num_heads or record["dit"]["num_heads"])
+        check_record(DiTConfig(**fields), record, source)
+    else:
+        fields = {**sizes, "num_heads": num_heads or _official_heads(sizes, source)}
+    if fields["dim"] % fields["num_heads"]:
+        raise CheckpointError(f"{source}: dim {fields['dim']} does not split into {fields['num_heads']} heads")
+    return DiTConfig(**{**fields, **overrides})
 
+
+def _diffusers_name(wan: str, table: Mapping[str, str]) -> str:
+    """The diffusers name of an official name (block tensors through block 0's names)."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", wan)
+    if m is None:
+        return table[wan]
+    return re.sub(r"^blocks\.0\.", f"blocks.{m.group(1)}.", table[f"blocks.0.{m.group(2)}"])
+
+
+def _official_heads(sizes: dict, source: str) -> int:
+    for name, official in OFFICIAL_SIZES.items():
+        if all(sizes[field] == getattr(official, field) for field in SIZES):
+            return official.num_heads
+    shown = ", ".join(f"{field}={sizes[field]}" for field in SIZES)
+    raise CheckpointError(
+        f"{source}: the number of attention heads is not in the weights, and they have no model record "
+        f"('{RECORD_KEY}' in a .safetensors header, FILE{RECORD_SUFFIX} beside a file, {RECORD_FILE} in a "
+        f"folder). Their size ({shown}) is no official Wan2.1 size ({', '.join(OFFICIAL_SIZES)}): pass the "
+        f"head count, --num_heads N (recam_jax.convert, recam_jax.sample) or num_heads=N.")
+
+
+# --- tensors by official name, loaded one at a time --------------------------------------------------
 
 def abstract_model(cfg: DiTConfig) -> WanDiT:
     """The model's structure and shapes, nothing allocated."""
     return nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
 
 
-def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
-                   on_host: bool = False) -> WanDiT:
-    """A Flax model holding the weights of a PyTorch state dict (any layout), tensor by tensor.
+def _per_block(cfg: DiTConfig) -> DiTConfig:
+    """The layout `weight_table` names: one entry per block, ("blocks", i, ...)."""
+    return dataclasses.replace(cfg, scan_layers=False)
 
-    The checkpoint must match `cfg` exactly (every missing, unexpected or wrong-shaped tensor is
-    listed); camera modules absent from the checkpoint start at their official init. With
-    `on_host` the weights stay numpy arrays in host memory, for the caller to place shard by shard
-    (a 14B model does not fit on the one default device).
-    """
-    layout = detect_layout(state_dict)
-    name_of = (lambda w: w.diffusers) if layout == "diffusers" else (lambda w: w.wan)
-    model = abstract_model(dataclasses.replace(cfg, scan_layers=False))  # the per-block names' layout
+
+@dataclasses.dataclass(frozen=True)
+class _BlockRow:
+    """Block `index` of a weight stacked on the `layers` axis, read like that block's own variable."""
+
+    stacked: nnx.Variable
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.stacked.dtype
+
+    def __getitem__(self, key):
+        return self.stacked[...][self.index][key]
+
+
+def _param_state(model: WanDiT) -> tuple[nnx.State, dict]:
+    """The model's params and their variables by Flax path ("blocks", i, ...), as `weight_table` names
+    them: the one place the converter touches the model's state. A scanned model's stacked block
+    weights are read row by row (`_BlockRow`); models to be written are built per block (`_per_block`)."""
     state = nnx.state(model, nnx.Param)
     flat = dict(state.flat_state())
-    table = weight_table(cfg)
-    has_camera = any(name_of(w) in state_dict for w in table if w.path[-2] in CAMERA_INIT)
-    expected = {name_of(w): _torch_shape(flat[w.path].shape, w.kind) for w in table
-                if has_camera or w.path[-2] not in CAMERA_INIT}
-    found = getattr(state_dict, "shapes", None) or {k: tuple(v.shape) for k, v in state_dict.items()}
-    torch_io.check_names_and_shapes(source, expected, found)
-    to_array = np.asarray if on_host else jnp.asarray
-    for w in table:
-        variable = flat[w.path]
-        if name_of(w) in state_dict:
-            value = to_flax_layout(state_dict[name_of(w)], w.kind)
-        else:  # a camera module the checkpoint lacks
-            init = CAMERA_INIT[w.path[-2]] if w.path[-1] == "kernel" else nnx.initializers.zeros
-            value = init(None, variable.shape, variable.dtype)
-        variable.set_value(to_array(value, dtype=variable.dtype))
-    nnx.update(model, state)
-    return with_block_layout(model, cfg.scan_layers)
+    if not model.cfg.scan_layers:
+        return state, flat
+    by_block = {}
+    for path, variable in flat.items():
+        if path[0] == "blocks":
+            by_block.update({("blocks", i, *path[1:]): _BlockRow(variable, i) for i in range(model.cfg.num_layers)})
+        else:
+            by_block[path] = variable
+    return state, by_block
 
 
 def with_block_layout(model: WanDiT, scan_layers: bool) -> WanDiT:
@@ -187,13 +354,52 @@ def with_block_layout(model: WanDiT, scan_layers: bool) -> WanDiT:
         if path[0] != "blocks":
             value = source[path]
         elif scan_layers:  # ("blocks", …) ← ("blocks", N, …) for every N
-            per_block = [source[("blocks", n, *path[1:])] for n in range(model.cfg.num_layers)]
+            per_block = [source.pop(("blocks", n, *path[1:])) for n in range(model.cfg.num_layers)]
             value = (np if isinstance(per_block[0], np.ndarray) else jnp).stack(per_block)
         else:  # ("blocks", N, …) ← row N of ("blocks", …)
             value = source[("blocks", *path[2:])][path[1]]
         variable.set_value(value)
     nnx.update(target, state)
     return target
+
+
+def pytorch_tensors(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
+                    ) -> dict[str, LazyTensor]:
+    """The checkpoint's tensors (any layout) by official name, in PyTorch layout, checked against `cfg`
+    (every missing, unexpected or wrong-shaped tensor is listed); camera modules absent from the
+    checkpoint come at their official init, in the checkpoint's dtype."""
+    layout = detect_layout(state_dict)
+    name_of = (lambda w: w.diffusers) if layout == "diffusers" else (lambda w: w.wan)
+    _, flat = _param_state(abstract_model(_per_block(cfg)))
+    table = weight_table(cfg)
+    has_camera = any(name_of(w) in state_dict for w in table if _is_camera(w))
+    shapes = {w.wan: _torch_shape(flat[w.path].shape, w.kind) for w in table}
+    expected = {name_of(w): shapes[w.wan] for w in table if has_camera or not _is_camera(w)}
+    found = getattr(state_dict, "shapes", None) or {k: tuple(v.shape) for k, v in state_dict.items()}
+    torch_io.check_names_and_shapes(source, expected, found)
+    lazy = getattr(state_dict, "lazy", None) or (lambda key: LazyTensor.of(np.asarray(state_dict[key])))
+    tensors = {w.wan: lazy(name_of(w)) for w in table if name_of(w) in expected}
+    dtype = tensors["patch_embedding.weight"].dtype
+    for w in table:
+        if w.wan not in tensors:  # a camera module the checkpoint lacks
+            init = CAMERA_INIT[w.path[-2]] if w.path[-1] == "kernel" else nnx.initializers.zeros
+            tensors[w.wan] = LazyTensor(shapes[w.wan], dtype, lambda w=w, init=init: to_torch_layout(
+                np.asarray(init(None, flat[w.path].shape, dtype)), w.kind))
+    return {w.wan: tensors[w.wan] for w in table}
+
+
+def model_tensors(model: WanDiT, dtype=None) -> dict[str, LazyTensor]:
+    """The model's weights by official name, in PyTorch layout, each gathered when loaded.
+
+    In a multi-host job loading is a collective: every process must load the same tensors in order."""
+    _, flat = _param_state(model)
+    tensors = {}
+    for w in weight_table(model.cfg):
+        variable = flat[w.path]
+        out_dtype = np.dtype(jnp.dtype(dtype or variable.dtype))
+        tensors[w.wan] = LazyTensor(_torch_shape(variable.shape, w.kind), out_dtype, lambda v=variable, w=w, d=out_dtype:
+                                    to_torch_layout(_whole_on_host(v[...]).astype(d, copy=False), w.kind))
+    return tensors
 
 
 def _whole_on_host(array) -> np.ndarray:
@@ -204,37 +410,54 @@ def _whole_on_host(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
-    axes = TORCH_AXES[kind]
-    return tuple(flax_shape) if axes is None else tuple(flax_shape[a] for a in axes)
+def _cast(tensors: Mapping[str, LazyTensor], dtype) -> dict[str, LazyTensor]:
+    dtype = np.dtype(jnp.dtype(dtype))
+    return {k: LazyTensor(t.shape, dtype, lambda t=t: t.load().astype(dtype)) for k, t in tensors.items()}
 
 
-def export_weights(model: WanDiT, layout: str, dtype=None) -> dict[str, np.ndarray]:
-    """The model's weights as a PyTorch-layout state dict ('recammaster', 'wan' or 'diffusers').
+def _model_from_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, on_host: bool) -> WanDiT:
+    model = abstract_model(_per_block(cfg))
+    state, flat = _param_state(model)
+    to_array = np.asarray if on_host else jnp.asarray
+    for w in weight_table(cfg):
+        variable = flat[w.path]
+        variable.set_value(to_array(to_flax_layout(tensors[w.wan].load(), w.kind), dtype=variable.dtype))
+    nnx.update(model, state)
+    return with_block_layout(model, cfg.scan_layers)
 
-    'wan' drops the camera modules (a plain Wan2.1 checkpoint); the others keep them.
+
+def import_weights(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
+                   on_host: bool = False) -> WanDiT:
+    """A Flax model holding the weights of a PyTorch state dict (any layout), tensor by tensor.
+
+    The checkpoint must match `cfg` exactly (see `pytorch_tensors`). With `on_host` the weights stay
+    numpy arrays in host memory, for the caller to place shard by shard (a 14B model does not fit on
+    the one default device).
     """
-    if layout not in ("recammaster", "wan", "diffusers"):
+    return _model_from_tensors(pytorch_tensors(state_dict, cfg, source), cfg, on_host)
+
+
+def export_weights(model: WanDiT, layout: str = "recammaster", dtype=None) -> dict[str, np.ndarray]:
+    """The model's weights as a PyTorch-layout state dict in memory ('recammaster' or 'diffusers')."""
+    return {name: t.load() for name, t in _named(model_tensors(model, dtype), model.cfg, layout).items()}
+
+
+def _named(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, layout: str) -> dict[str, LazyTensor]:
+    """The tensors under their names in `layout`: 'recammaster' (official names) or 'diffusers'."""
+    if layout not in ("recammaster", "diffusers"):
         raise ValueError(f"unknown layout {layout!r}")
-    flat = dict(nnx.state(with_block_layout(model, scan_layers=False), nnx.Param).flat_state())
-    out = {}
-    for w in weight_table(model.cfg):
-        if layout == "wan" and w.path[-2] in CAMERA_INIT:
-            continue
-        array = _whole_on_host(flat[w.path][...])
-        if dtype is not None:
-            array = array.astype(jnp.dtype(dtype))
-        out[w.diffusers if layout == "diffusers" else w.wan] = np.ascontiguousarray(to_torch_layout(array, w.kind))
-    return out
+    return {(w.diffusers if layout == "diffusers" else w.wan): tensors[w.wan] for w in weight_table(cfg)}
 
 
 # --- files: PyTorch checkpoints, diffusers folders, orbax folders ---------------------------------
 
-DIT_CONFIG_FILE = "dit_config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _is_torch_path(path: str) -> bool:
+    """A PyTorch file, a diffusers folder, or a folder of (sharded) safetensors such as Wan's releases."""
+    if os.path.isdir(path) and any(f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path)):
+        return True
     return path.endswith((".safetensors", ".index.json", *torch_io.PICKLE_SUFFIXES)) or _is_diffusers_dir(path)
 
 
@@ -243,36 +466,54 @@ def _is_diffusers_dir(path: str) -> bool:
         os.path.join(path, DIFFUSERS_WEIGHTS))
 
 
+def open_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides,
+                 ) -> tuple[DiTConfig, dict[str, LazyTensor], dict | None]:
+    """(config, lazy tensors by official name, model record) of any PyTorch DiT checkpoint."""
+    state_dict = torch_io.open_state_dict(path)
+    record = read_model_record(path)
+    if cfg is None:
+        cfg = infer_config(state_dict.shapes, num_heads=num_heads, record=record, source=path, **overrides)
+    check_record(cfg, record, path)
+    return cfg, pytorch_tensors(state_dict, cfg, source=path), record
+
+
 def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,
                  **overrides) -> WanDiT:
-    """A Flax model from any PyTorch DiT checkpoint (file, sharded index, or diffusers folder).
+    """A Flax model from any PyTorch DiT checkpoint (file, sharded index or folder, diffusers folder).
 
-    With `cfg` the checkpoint must match it; without, the size is read off the tensor shapes.
-    `on_host`: as in `import_weights`.
+    With `cfg` the checkpoint must match it; without, see `infer_config`. `on_host`: as in `import_weights`.
     """
-    state_dict = torch_io.open_state_dict(path)
-    cfg = cfg or infer_config(state_dict.shapes, num_heads=num_heads, **overrides)
-    return import_weights(state_dict, cfg, source=path, on_host=on_host)
+    cfg, tensors, _ = open_pytorch(path, cfg, num_heads, **overrides)
+    return _model_from_tensors(tensors, cfg, on_host)
 
 
-def save_pytorch(model: WanDiT, path: str, dtype=None) -> None:
-    """Writes `.ckpt`/`.pth` (recammaster layout), `.safetensors` (wan layout) or a diffusers folder.
+def save_pytorch(model: WanDiT, path: str, dtype=None, shift: float | None = None) -> None:
+    """Writes `.ckpt`/`.pth` or `.safetensors` (recammaster layout) or a diffusers folder, with the
+    model record (`shift`: the flow shift it was trained with). Tensors are gathered one at a time.
 
     In a multi-host job every process calls it (the weights are gathered) and the first one writes.
     """
-    if path.endswith(".safetensors"):
-        layout, weights_file = "wan", path
-    elif path.endswith(torch_io.PICKLE_SUFFIXES):
-        layout, weights_file = "recammaster", path
-    else:
-        layout, weights_file = "diffusers", os.path.join(path, DIFFUSERS_WEIGHTS)
-    state_dict = export_weights(model, layout, dtype)
+    tensors = model_tensors(model, dtype)
     if jax.process_index() != 0:
+        for tensor in tensors.values():  # the same gathers as the writer's, in the same order
+            tensor.load()
         return
-    torch_io.save_state_dict(state_dict, weights_file)
-    if layout == "diffusers":
+    write_pytorch(tensors, model.cfg, path, shift)
+
+
+def write_pytorch(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None = None) -> None:
+    """Writes tensors (official names) as `save_pytorch` does, one at a time, and their model record."""
+    record = model_record(cfg, shift)
+    if path.endswith(".safetensors"):
+        torch_io.save_state_dict(_named(tensors, cfg, "recammaster"), path, {RECORD_KEY: json.dumps(record)})
+    elif path.endswith(torch_io.PICKLE_SUFFIXES):
+        torch_io.save_state_dict(_named(tensors, cfg, "recammaster"), path)
+        _write_record(record, _record_location(path))
+    else:
+        torch_io.save_state_dict(_named(tensors, cfg, "diffusers"), os.path.join(path, DIFFUSERS_WEIGHTS))
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(diffusers_config(model.cfg), f, indent=2)
+            json.dump(diffusers_config(cfg), f, indent=2)
+        _write_record(record, os.path.join(path, RECORD_FILE))
 
 
 def diffusers_config(cfg: DiTConfig) -> dict:
@@ -283,40 +524,56 @@ def diffusers_config(cfg: DiTConfig) -> dict:
                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps)
 
 
-def save_orbax(model: WanDiT, path: str) -> None:
-    """Params as an orbax checkpoint plus the model config next to them."""
+def save_orbax(model: WanDiT, path: str, shift: float | None = None) -> None:
+    """Params as an orbax checkpoint plus the model record next to them."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(path, "params"), nnx.state(model, nnx.Param))
-    with open(os.path.join(path, DIT_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(model.cfg), f, indent=2)
+    if jax.process_index() == 0:
+        _write_record(model_record(model.cfg, shift), os.path.join(path, RECORD_FILE))
+
+
+def _orbax_record(path: str) -> dict:
+    record = read_model_record(path) if os.path.isdir(path) else None
+    if record is None:
+        raise CheckpointError(f"{path}: not a recam_jax params folder (no {RECORD_FILE}) nor a PyTorch checkpoint "
+                              f"(no .safetensors, *.safetensors.index.json or {'/'.join(torch_io.PICKLE_SUFFIXES)})")
+    return record
+
+
+def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool, stored_dtypes: bool = False) -> WanDiT:
+    """The params under `path`/params into a `cfg` model: numpy arrays with `on_host`, in the dtypes
+    they were stored in with `stored_dtypes` (else cast to cfg.param_dtype)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        params_dir = os.path.join(path, "params")
+        stored = {m.name.removesuffix(".value"): m.dtype for m in
+                  jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)}
+        # Folders hold the layout they were saved from: one entry per block, or the blocks stacked.
+        model = abstract_model(dataclasses.replace(cfg, scan_layers=not any(name.startswith("blocks.0.") for name in stored)))
+        abstract_params = nnx.state(model, nnx.Param)
+        stored = stored if stored_dtypes else {}
+        for flax_path, variable in abstract_params.flat_state():
+            dtype = stored.get(".".join(map(str, flax_path)), variable.dtype)
+            # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
+            variable.set_value(np.empty(variable.shape, dtype) if on_host else jax.ShapeDtypeStruct(variable.shape, dtype))
+        params = checkpointer.restore(params_dir, abstract_params)
+    nnx.update(model, params)
+    return with_block_layout(model, cfg.scan_layers)
 
 
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
-    """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config).
-
-    `on_host`: the weights are restored as numpy arrays in host memory, as in `import_weights`.
-    """
-    import orbax.checkpoint as ocp
-
+    """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config, checked against
+    the record). `on_host`: the weights are restored as numpy arrays in host memory, as in `import_weights`."""
     path = os.path.abspath(path)
-    config_file = os.path.join(path, DIT_CONFIG_FILE)
-    if not os.path.exists(config_file):
-        raise torch_io.CheckpointError(f"{path}: not a recam_jax params folder (no {DIT_CONFIG_FILE})")
-    with open(config_file) as f:
-        fields = json.load(f)
-    cfg = cfg or DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
-    # Folders written before scan_layers existed hold one entry per block.
-    model = abstract_model(dataclasses.replace(cfg, scan_layers=fields.get("scan_layers", False)))
-    abstract_params = nnx.state(model, nnx.Param)
-    if on_host:  # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
-        abstract_params = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params)
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(path, "params"), abstract_params)
-    nnx.update(model, params)
-    return with_block_layout(model, cfg.scan_layers)
+    record = _orbax_record(path)
+    if cfg is None:
+        cfg = DiTConfig(**{**record["dit"], **overrides})
+    check_record(cfg, record, path)
+    return _restore_orbax(path, cfg, on_host)
 
 
 def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,
@@ -327,18 +584,50 @@ def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = No
     return load_orbax(path, cfg, on_host=on_host, **overrides)
 
 
+def convert(source: str, target: str, num_heads: int | None = None, dtype=None) -> None:
+    """Any supported format to any other, one tensor at a time where the formats allow, keeping each
+    tensor's dtype (unless `dtype`) and carrying the model record over.
+
+    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are restored
+    whole (orbax restores a tree); to orbax they are handed to orbax whole (views of the input where
+    no cast or copy is needed)."""
+    if _is_torch_path(source):
+        cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
+    else:
+        record = _orbax_record(os.path.abspath(source))
+        cfg = DiTConfig(**record["dit"])
+        tensors = model_tensors(_restore_orbax(os.path.abspath(source), cfg, on_host=True, stored_dtypes=True))
+    shift = record["flow_shift"] if record else None
+    if dtype is not None:
+        tensors = _cast(tensors, dtype)
+    if _is_torch_path(target):
+        write_pytorch(tensors, cfg, target, shift)
+    else:
+        _save_orbax_tensors(tensors, cfg, target, shift)
+
+
+def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
+    """`save_orbax` of the model holding `tensors`, in their own dtypes."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    state, flat = _param_state(abstract_model(_per_block(cfg)))  # read back in either layout (`_restore_orbax`)
+    for w in weight_table(cfg):
+        flat[w.path].set_value(to_flax_layout(tensors[w.wan].load(), w.kind))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(path, "params"), state)
+    _write_record(model_record(cfg, shift), os.path.join(path, RECORD_FILE))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="PyTorch checkpoint, diffusers folder, or recam_jax orbax folder")
-    parser.add_argument("output", help=".ckpt/.pth (ReCamMaster), .safetensors (Wan), *diffusers folder, or orbax folder")
-    parser.add_argument("--num-heads", type=int, default=None, help="attention heads (default: dim / 128, as Wan)")
-    parser.add_argument("--dtype", default=None, help="dtype of exported PyTorch tensors (default: as stored)")
+    parser.add_argument("input", help="PyTorch checkpoint or folder of shards, diffusers folder, or recam_jax orbax folder")
+    parser.add_argument("output", help=".ckpt/.pth or .safetensors (ReCamMaster), *diffusers folder, or orbax folder")
+    parser.add_argument("--num_heads", "--num-heads", type=int, default=None,
+                        help="attention heads, for weights with no model record that are no official Wan2.1 size")
+    parser.add_argument("--dtype", default=None, help="dtype of the written tensors (default: as stored)")
     args = parser.parse_args(argv)
-    model = load_any(args.input, num_heads=args.num_heads, on_host=True)  # conversion never needs a device
-    if _is_torch_path(args.output):
-        save_pytorch(model, args.output, dtype=args.dtype)
-    else:
-        save_orbax(model, args.output)
+    convert(args.input, args.output, num_heads=args.num_heads, dtype=args.dtype)
     print(f"wrote {args.output}")
 
 

@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_heads", type=int, default=None, help="DiT heads (default: dim / 128, as Wan)")
+    parser.add_argument("--num_heads", type=int, default=None,
+                        help="DiT heads, only for weights with no model record that are no official Wan2.1 size")
     args = parser.parse_args(argv)
 
     camera = cameras.inference_camera(trajectory.load(args.trajectory, args.camera, args.num_frames))[None]

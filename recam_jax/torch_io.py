@@ -3,19 +3,24 @@
 Every converter (DiT, VAE) goes through this module so that they share one set of guarantees:
 - a pickle (`.ckpt`, `.pth`) is read with `torch.load(weights_only=True)`: a checkpoint from the
   internet can never execute code here; anything beyond tensors is refused with a clear error;
-- tensors are read lazily (safetensors `safe_open`, `torch.load(mmap=True)`), so converting a 14B
-  checkpoint never needs twice its size in RAM;
+- tensors are read lazily (safetensors `safe_open`, `torch.load(mmap=True)`) and written one at a
+  time (`save_state_dict` takes `LazyTensor`s: shapes and dtypes first, bytes when written), so a
+  file-to-file conversion holds one tensor at a time besides the mapped input;
 - a missing or unexpected key or a wrong shape raises `CheckpointError` listing all of them, before
   anything is written.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import io
 import json
 import os
 import pickle
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -57,12 +62,37 @@ def numpy_to_tensor(array: np.ndarray):
     return torch.from_numpy(array)
 
 
-class LazyStateDict(Mapping):
-    """A read-only `name -> np.ndarray` view of a weight file; each tensor is read when asked for."""
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md).
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
 
-    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], read_fn):
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by shape and dtype whose bytes are produced only when written (`load()`)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "LazyTensor":
+        return cls(tuple(array.shape), np.dtype(array.dtype), lambda: array)
+
+
+class LazyStateDict(Mapping):
+    """A read-only `name -> np.ndarray` view of a weight file; each tensor is read when asked for.
+
+    `shapes` and `dtypes` are known without reading; `metadata` is the safetensors header's
+    `__metadata__` (empty for pickles)."""
+
+    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype], read_fn,
+                 metadata: Mapping[str, str] | None = None):
         self.path = path
         self.shapes = shapes
+        self.dtypes = dtypes
+        self.metadata = dict(metadata or {})
         self._read = read_fn
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -76,17 +106,23 @@ class LazyStateDict(Mapping):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def lazy(self, key: str) -> LazyTensor:
+        return LazyTensor(self.shapes[key], self.dtypes[key], lambda: self[key])
+
 
 def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
     from safetensors import safe_open
 
-    shapes, owner = {}, {}  # tensor name -> shape, and the open file holding it
+    shapes, dtypes, owner, metadata = {}, {}, {}, {}  # per tensor: shape, dtype, the open file holding it
     for file in files:
         try:
             handle = safe_open(file, framework="pt")
             names = list(handle.keys())
+            metadata.update(handle.metadata() or {})
             for name in names:
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+                tensor_slice = handle.get_slice(name)
+                shapes[name] = tuple(tensor_slice.get_shape())
+                dtypes[name] = np.dtype(SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
                 owner[name] = handle
             # Touch the last tensor: a truncated file fails here, not halfway through a conversion.
             if names:
@@ -95,7 +131,7 @@ def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
             raise
         except Exception as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-    return LazyStateDict(path, shapes, lambda key: tensor_to_numpy(owner[key].get_tensor(key)))
+    return LazyStateDict(path, shapes, dtypes, lambda key: tensor_to_numpy(owner[key].get_tensor(key)), metadata)
 
 
 def _open_safetensors_index(index_path: str) -> LazyStateDict:
@@ -130,7 +166,8 @@ def _open_pickle(path: str) -> LazyStateDict:
     if not isinstance(loaded, Mapping) or not all(torch.is_tensor(v) for v in loaded.values()):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     shapes = {k: tuple(v.shape) for k, v in loaded.items()}
-    return LazyStateDict(path, shapes, lambda key: tensor_to_numpy(loaded[key]))
+    dtypes = {k: tensor_to_numpy(v[:0] if v.ndim else v).dtype for k, v in loaded.items()}
+    return LazyStateDict(path, shapes, dtypes, lambda key: tensor_to_numpy(loaded[key]))
 
 
 def open_state_dict(path: str) -> LazyStateDict:
@@ -196,15 +233,89 @@ def _atomic_write(path: str, write_fn) -> None:
             os.remove(tmp)
 
 
-def save_state_dict(arrays: Mapping[str, np.ndarray], path: str) -> None:
-    """Writes a state dict as `.safetensors` or as a `torch.save` pickle (`.ckpt`, `.pth`, ...)."""
-    torch = _torch()
-    tensors = {k: numpy_to_tensor(v) for k, v in arrays.items()}
+def save_state_dict(tensors: Mapping[str, np.ndarray | LazyTensor], path: str,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a state dict as `.safetensors` (with `metadata` in its header) or as a `torch.load`-able
+    pickle (`.ckpt`, `.pth`, ...), atomically, loading and writing one tensor at a time."""
+    tensors = {k: v if isinstance(v, LazyTensor) else LazyTensor.of(np.asarray(v)) for k, v in tensors.items()}
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        _atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, metadata or {}))
     elif path.endswith(PICKLE_SUFFIXES):
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        if metadata:
+            raise ValueError(f"{path}: a PyTorch pickle of tensors has no place for metadata")
+        _atomic_write(path, lambda tmp: _write_torch_zip(tensors, tmp))
     else:
         raise CheckpointError(f"{path}: unknown output type (expected .safetensors or one of {PICKLE_SUFFIXES})")
+
+
+def _checked(name: str, tensor: LazyTensor) -> np.ndarray:
+    """The tensor's bytes, C-contiguous, refusing a `load()` that disagrees with the declared header."""
+    array = np.require(tensor.load(), requirements="C")
+    if tuple(array.shape) != tuple(tensor.shape) or array.dtype != tensor.dtype:
+        raise ValueError(f"{name}: declared {tensor.shape} {tensor.dtype}, produced {array.shape} {array.dtype}")
+    return array
+
+
+def _write_safetensors(tensors: Mapping[str, LazyTensor], path: str, metadata: Mapping[str, str]) -> None:
+    """The safetensors format: u64 header size, JSON header (names, dtypes, shapes, byte ranges), data."""
+    names_of = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
+    for name, tensor in tensors.items():
+        size = int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
+        header[name] = {"dtype": names_of[np.dtype(tensor.dtype)], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, tensor in tensors.items():
+            f.write(_checked(name, tensor).reshape(-1).view(np.uint8).data)
+
+
+class _StorageRef:
+    """One tensor's storage in the pickle: `torch.load` reads its bytes from the record data/<key>."""
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles as `torch.save` pickles a contiguous tensor, without holding its data."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(int(n) for n in shape)
+
+    def __reduce__(self):
+        torch = _torch()
+        stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+
+
+def _write_torch_zip(tensors: Mapping[str, LazyTensor], path: str) -> None:
+    """`torch.save` of a flat dict of tensors, the same records in the same order (data.pkl, version
+    records, data/0, data/1, ...), but each tensor's bytes produced and written one at a time."""
+    torch = _torch()
+    storage_names = torch.storage._dtype_to_storage_type_map()
+    torch_dtype = {np.dtype(dt): numpy_to_tensor(np.zeros(0, dt)).dtype for dt in SAFETENSORS_DTYPES.values()}
+    refs = {name: _TensorRef(_StorageRef(str(i), np.dtype(t.dtype), int(np.prod(t.shape))), t.shape)
+            for i, (name, t) in enumerate(tensors.items())}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _StorageRef):
+                storage_type = getattr(torch, storage_names[torch_dtype[obj.dtype]])
+                return ("storage", storage_type, obj.key, "cpu", obj.numel)
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(refs)
+    with torch.serialization._open_zipfile_writer(path) as writer:
+        writer.write_record("data.pkl", buffer.getvalue(), len(buffer.getvalue()))
+        for record, value in ((".format_version", "1"), (".storage_alignment", str(torch.serialization._get_storage_alignment())),
+                              ("byteorder", sys.byteorder)):
+            writer.write_record(record, value, len(value))
+        for name, tensor in tensors.items():
+            storage = numpy_to_tensor(_checked(name, tensor)).untyped_storage()
+            writer.write_record(f"data/{refs[name].storage.key}", storage, storage.nbytes())

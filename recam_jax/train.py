@@ -487,9 +487,10 @@ def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
 
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:
-    """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference."""
+    """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference, with their model
+    record (heads, flow shift) beside it for our sampler and converter."""
     path = os.path.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
-    convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path)
+    convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path, shift=config.flow.shift)
     if jax.process_index() == 0:  # the one that wrote it
         print(f"exported {path}", flush=True)
     return path

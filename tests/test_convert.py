@@ -1,25 +1,31 @@
-"""Weight conversion: exact round trips, official key layout, safe loading, clear errors."""
+"""Weight conversion: exact round trips, official key layout, model records, safe loading, clear errors."""
 
 import dataclasses
+import json
 import os
 import re
+import weakref
 
-import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
 from recam_jax import convert, torch_io
-from recam_jax.models.dit import WanDiT, dit_config
+from recam_jax.models.dit import dit_config
 
 
-def trained_tiny_model(seed=0, scan_layers=True):
-    """A tiny model whose camera weights are random (not at init), so round trips mean something."""
-    model = WanDiT(dit_config("tiny", dtype="float32", scan_layers=scan_layers), rngs=nnx.Rngs(seed))
-    for path, kernel in nnx.state(model, nnx.Param).flat_state():
-        if path[-2] in ("cam_encoder", "projector") and path[-1] == "kernel":
-            kernel[...] = jax.random.normal(jax.random.key(seed + 1), kernel.shape)
+def trained_tiny_model(seed=0, variant="tiny", scan_layers=True):
+    """A model whose every tensor is random with its own key: blocks differ from each other and camera
+    weights and biases are far from their init, so a swapped or dropped tensor cannot go unseen."""
+    model = convert.abstract_model(dit_config(variant, dtype="float32", scan_layers=scan_layers))  # eager init is slow
+    state = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(seed)
+    for _, variable in state.flat_state():
+        variable.set_value(jnp.asarray(rng.standard_normal(variable.shape, np.float32)))
+    nnx.update(model, state)
     return model
 
 
@@ -28,6 +34,7 @@ def params_of(model):
 
 
 def assert_bit_exact(a, b):
+    assert a.cfg == b.cfg
     pa, pb = params_of(a), params_of(b)
     assert pa.keys() == pb.keys()
     for path in pa:
@@ -71,60 +78,114 @@ def test_recammaster_ckpt_round_trip_is_bit_exact_with_official_keys(tmp_path, s
     model = trained_tiny_model(scan_layers=scan_layers)
     path = str(tmp_path / "step20000.ckpt")
     convert.save_pytorch(model, path)
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, mmap=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == diffsynth_recammaster_shapes(64, 128, 32, 32, 2)
-    np.testing.assert_array_equal(state["blocks.1.self_attn.q.weight"].numpy(),
-                                  block_param(model, 1, "self_attn", "q", "kernel").T)
-    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32", scan_layers=scan_layers))
+    assert_bit_exact(model, convert.load_pytorch(path, dtype="float32"))
 
 
-def test_diffusers_folder_round_trip_is_bit_exact(tmp_path):
-    model = trained_tiny_model(seed=3)
-    path = str(tmp_path / "transformer_diffusers")
-    convert.save_pytorch(model, path)
-    assert convert.detect_layout(torch_io.open_state_dict(path)) == "diffusers"
-    assert_bit_exact(model, convert.load_pytorch(path, num_heads=4, dtype="float32"))
-
-
-def test_base_wan_safetensors_gets_camera_modules_at_official_init(tmp_path):
+def test_the_fixture_catches_a_block_swap_and_a_camera_bias_swap():
     model = trained_tiny_model()
+    for first, second in (("blocks.0.self_attn.q.weight", "blocks.1.self_attn.q.weight"),
+                          ("blocks.0.cam_encoder.bias", "blocks.1.cam_encoder.bias"),
+                          ("blocks.0.cam_encoder.bias", "blocks.0.projector.bias")):
+        state = convert.export_weights(model)
+        state[first], state[second] = state[second], state[first]
+        with pytest.raises(AssertionError):
+            assert_bit_exact(model, convert.import_weights(state, model.cfg))
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "transformer_diffusers", "params_orbax"])
+def test_every_format_round_trips_bit_exact_with_camera_modules(tmp_path, name):
+    model = trained_tiny_model(seed=3)
+    path = str(tmp_path / name)
+    (convert.save_orbax if name.endswith("orbax") else convert.save_pytorch)(model, path)
+    restored = convert.load_any(path, dtype="float32")
+    assert_bit_exact(model, restored)
+    assert not np.allclose(block_param(restored, 1, "cam_encoder", "bias"), 0)  # trained camera modules kept
+
+
+def test_plain_wan_weights_get_camera_modules_at_official_init(tmp_path):
+    state = {k: v for k, v in convert.export_weights(trained_tiny_model()).items()
+             if "cam_encoder" not in k and "projector" not in k}
     path = str(tmp_path / "wan.safetensors")
-    convert.save_pytorch(model, path)  # the wan layout has no camera modules
+    torch_io.save_state_dict(state, path)
     restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
     for n in range(restored.cfg.num_layers):
         np.testing.assert_array_equal(block_param(restored, n, "cam_encoder", "kernel"), 0)
+        np.testing.assert_array_equal(block_param(restored, n, "cam_encoder", "bias"), 0)
         np.testing.assert_array_equal(block_param(restored, n, "projector", "kernel"), np.eye(64))
         np.testing.assert_array_equal(block_param(restored, n, "projector", "bias"), 0)
 
 
-def test_sharded_safetensors_with_index(tmp_path):
-    state = convert.export_weights(trained_tiny_model(), "wan")
+def write_wan_release_folder(model, folder):
+    """A folder laid out as Wan2.1-T2V-14B ships: sharded safetensors, their index, Wan's config.json."""
+    state = convert.export_weights(model)
     names = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for file, keys in halves.items():
-        torch_io.save_state_dict({k: state[k] for k in keys}, str(tmp_path / file))
-    with open(tmp_path / "model.safetensors.index.json", "w") as f:
-        f.write('{"weight_map": {%s}}' % ", ".join(f'"{k}": "{file}"' for file, ks in halves.items() for k in ks))
-    restored = convert.load_pytorch(str(tmp_path), num_heads=4, dtype="float32")
-    np.testing.assert_array_equal(block_param(restored, 1, "ffn", "fc2", "kernel"), state["blocks.1.ffn.2.weight"].T)
+    shards = {f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    os.makedirs(folder)
+    for file, keys in shards.items():
+        torch_io.save_state_dict({k: state[k] for k in keys}, os.path.join(folder, file))
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {k: file for file, keys in shards.items() for k in keys}}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "WanModel", "dim": 64, "num_heads": 4}, f)
 
 
-def test_bf16_export(tmp_path):
-    path = str(tmp_path / "m.ckpt")
-    convert.save_pytorch(trained_tiny_model(), path, dtype="bfloat16")
-    assert {v.dtype for v in torch.load(path, weights_only=True).values()} == {torch.bfloat16}
-    restored = convert.load_pytorch(path, num_heads=4, dtype="float32")
-    assert restored.blocks.self_attn.q.kernel[...].dtype == np.float32
-
-
-def test_orbax_round_trip_and_cli(tmp_path):
+def test_sharded_release_folder_loads_and_converts(tmp_path):
     model = trained_tiny_model()
-    ckpt = str(tmp_path / "in.ckpt")
-    convert.save_pytorch(model, ckpt)
-    convert.main([ckpt, str(tmp_path / "params"), "--num-heads", "2"])
-    convert.main([str(tmp_path / "params"), str(tmp_path / "out.ckpt")])
-    original, again = torch.load(ckpt, weights_only=True), torch.load(str(tmp_path / "out.ckpt"), weights_only=True)
-    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    folder = str(tmp_path / "Wan2.1-T2V-tiny")
+    write_wan_release_folder(model, folder)
+    assert_bit_exact(model, convert.load_any(folder, num_heads=4, dtype="float32"))
+    convert.main([folder, str(tmp_path / "out.ckpt"), "--num_heads", "4"])
+    assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32"))
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small"])
+def test_exports_reload_as_the_same_model_without_flags(tmp_path, variant):
+    """dim / 128 heads was a guess: tiny (64) and small (256) have 4 heads, not 1 and 2."""
+    model = trained_tiny_model(variant=variant)
+    path = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(model, path, shift=3.0)
+    record = convert.read_model_record(path)
+    assert record["dit"]["num_heads"] == 4 and record["flow_shift"] == 3.0
+    assert_bit_exact(model, convert.load_any(path, dtype="float32"))
+    convert.main([path, str(tmp_path / "params")])
+    convert.main([str(tmp_path / "params"), str(tmp_path / "again.safetensors")])
+    assert convert.read_model_record(str(tmp_path / "again.safetensors")) == record
+    assert_bit_exact(model, convert.load_any(str(tmp_path / "again.safetensors"), dtype="float32"))
+
+
+def test_weights_without_a_record_must_be_an_official_size_or_given_heads(tmp_path):
+    official = {k: v for k, v in diffsynth_recammaster_shapes(1536, 8960, 4096, 256, 30).items()}
+    assert convert.infer_config(official).num_heads == 12  # Wan2.1-T2V-1.3B
+    assert convert.infer_config(diffsynth_recammaster_shapes(5120, 13824, 4096, 256, 40)).num_heads == 40
+    path = str(tmp_path / "m.ckpt")
+    torch_io.save_state_dict(convert.export_weights(trained_tiny_model()), path)  # no record
+    with pytest.raises(torch_io.CheckpointError, match=r"m\.ckpt.*no official Wan2.1 size.*--num_heads"):
+        convert.load_pytorch(path)
+    assert convert.load_pytorch(path, num_heads=4).cfg.num_heads == 4
+
+
+def test_a_config_contradicting_the_record_is_refused(tmp_path):
+    path = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(trained_tiny_model(), path)
+    with pytest.raises(torch_io.CheckpointError, match=r"m\.ckpt.*num_heads: the record says 4, asked for 2"):
+        convert.load_pytorch(path, num_heads=2)
+    with pytest.raises(torch_io.CheckpointError, match="num_heads: the record says 4, asked for 2"):
+        convert.load_any(path, cfg=dit_config("tiny", num_heads=2))
+
+
+def test_conversion_keeps_the_input_dtype(tmp_path):
+    model = trained_tiny_model()
+    path = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(model, path, dtype="bfloat16")
+    convert.main([path, str(tmp_path / "params")])
+    convert.main([str(tmp_path / "params"), str(tmp_path / "out.safetensors")])
+    out = torch_io.open_state_dict(str(tmp_path / "out.safetensors"))
+    assert set(out.dtypes.values()) == {np.dtype(ml_dtypes.bfloat16)}
+    assert all(np.array_equal(out[k], v) for k, v in torch_io.open_state_dict(path).items())
+    convert.main([path, str(tmp_path / "fp32.ckpt"), "--dtype", "float32"])
+    assert {v.dtype for v in torch.load(str(tmp_path / "fp32.ckpt"), weights_only=True).values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("saved_scanned", [True, False])
@@ -141,14 +202,14 @@ def test_orbax_params_load_into_either_block_layout(tmp_path, saved_scanned):
 
 
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
-    state = convert.export_weights(trained_tiny_model(), "recammaster")
+    state = convert.export_weights(trained_tiny_model())
     del state["blocks.1.self_attn.q.weight"], state["blocks.1.ffn.0.bias"]
     with pytest.raises(torch_io.CheckpointError, match=r"missing \(2\).*blocks\.1\.ffn\.0\.bias.*blocks\.1\.self_attn\.q\.weight"):
         convert.import_weights(state, dit_config("tiny"), source="broken.ckpt")
 
 
 def test_wrong_shape_and_unexpected_keys_are_listed():
-    state = convert.export_weights(trained_tiny_model(), "recammaster")
+    state = convert.export_weights(trained_tiny_model())
     state["blocks.0.ffn.0.weight"] = np.zeros((129, 64), np.float32)
     state["blocks.0.extra.weight"] = np.zeros((1,), np.float32)
     with pytest.raises(torch_io.CheckpointError) as err:
@@ -158,14 +219,46 @@ def test_wrong_shape_and_unexpected_keys_are_listed():
     assert re.search(r"blocks\.0\.ffn\.0\.weight: expected \(128, 64\), found \(129, 64\)", message)
 
 
-def test_truncated_safetensors_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("name,shape", [("patch_embedding.weight", (65, 16, 1, 2, 2)), ("blocks.0.ffn.0.weight", (129, 64))])
+def test_a_wrong_tensor_the_size_is_read_from_is_the_one_reported(tmp_path, name, shape):
+    state = convert.export_weights(trained_tiny_model())
+    state[name] = np.zeros(shape, np.float32)
+    path = str(tmp_path / "bad.safetensors")
+    torch_io.save_state_dict(state, path)
+    with pytest.raises(torch_io.CheckpointError, match=r"wrong shape \(1\): " + re.escape(name) + ": expected"):
+        convert.load_pytorch(path, num_heads=4)
+
+
+def test_truncated_safetensors_is_a_clear_error_and_nothing_is_written(tmp_path):
     path = str(tmp_path / "wan.safetensors")
     convert.save_pytorch(trained_tiny_model(), path)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
     with pytest.raises(torch_io.CheckpointError, match="wan.safetensors"):
-        convert.load_pytorch(path, num_heads=4)
-    assert not os.path.exists(tmp_path / "out.ckpt")
+        convert.main([path, str(tmp_path / "out.ckpt")])
+    assert sorted(os.listdir(tmp_path)) == ["wan.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_files_are_written_one_tensor_at_a_time(tmp_path, suffix):
+    """At most the tensor being written and the one before it are alive (counted by weakref finalizers)."""
+    alive, most = [0], [0]
+
+    def load(i):
+        array = np.full((64, 64), i, np.float32)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(array, lambda: alive.__setitem__(0, alive[0] - 1))
+        return array
+
+    tensors = {f"t{i}": torch_io.LazyTensor((64, 64), np.dtype(np.float32), lambda i=i: load(i)) for i in range(20)}
+    path = str(tmp_path / f"m{suffix}")
+    torch_io.save_state_dict(tensors, path)
+    assert most[0] <= 2
+    reference = str(tmp_path / "torch_save.ckpt")
+    torch.save({f"t{i}": torch.full((64, 64), float(i)) for i in range(20)}, reference)
+    written, expected = torch_io.open_state_dict(path), torch_io.open_state_dict(reference)
+    assert sorted(written) == sorted(expected) and all(np.array_equal(written[k], expected[k]) for k in expected)
 
 
 class NotATensor:

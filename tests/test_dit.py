@@ -137,6 +137,14 @@ def test_rejects_latents_not_divisible_by_patch():
         model(jnp.zeros((1, 2, 5, 6, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
 
 
+@pytest.mark.parametrize("camera_frames", [1, 4])
+def test_camera_must_have_half_the_latent_frames(camera_frames):
+    """The official block repeats the camera embedding exactly twice (target ‖ source): 4 latent frames, 2 poses."""
+    model = WanDiT(dit_config("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=rf"camera has {camera_frames} frames.*half of the 4"):
+        model(jnp.zeros((1, 4, 4, 4, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)), jnp.zeros((1, camera_frames, 12)))
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv", "offload"])
 def test_remat_and_bf16_compute_keep_the_function(remat, scan_layers):

@@ -39,6 +39,7 @@ def test_trains_on_prepared_shards_resumes_and_exports(shards, tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
-    exported = convert.load_pytorch(os.path.join(workdir, "exports", "recammaster_step4.ckpt"),
-                                    train.model_config(demo_config(shards, 4)))
+    export = os.path.join(workdir, "exports", "recammaster_step4.ckpt")
+    assert convert.read_model_record(export)["flow_shift"] == demo_config(shards, 4).flow.shift
+    exported = convert.load_pytorch(export, train.model_config(demo_config(shards, 4)))
     assert exported.blocks.cam_encoder.kernel[...].shape[1:] == (12, 64)  # (layers, 12, dim)

@@ -49,7 +49,7 @@ def test_cli_renders_a_video_along_a_trajectory(tmp_path):
     params = str(tmp_path / "tiny.ckpt")
     convert.save_pytorch(WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0)), params)
     out = str(tmp_path / "out.mp4")
-    sample.main(["--params", params, "--num_heads", "4", "--video", os.path.join(scene, "videos", "cam01.mp4"),
+    sample.main(["--params", params, "--video", os.path.join(scene, "videos", "cam01.mp4"),
                  "--caption", "a ball", "--trajectory", os.path.join(scene, "cameras", "camera_extrinsics.json"),
                  "--camera", "3", "--text_encoder_dir", os.path.join(root, "umt5"), "--vae", "demo",
                  "--out", out, "--num_frames", "9", "--height", "32", "--width", "32", "--text_len", "16",

@@ -158,24 +158,42 @@ def test_bad_latent_shape_is_named(model):
         model.decode(jnp.zeros((1, 2, 3, 5, 16)))
 
 
-def params_of(vae):
-    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
+# Wan2.1's block layout (the one diffusers' own official-key converter hard-codes), at a small width.
+WAN21_BLOCKS = VAEConfig(base_dim=4, z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
 
 
-@pytest.mark.parametrize("layout,suffix", [("diffusers", ".safetensors"), ("original", ".pth")])
-def test_round_trip_is_bit_exact(model, weights_file, tmp_path, layout, suffix):
-    path = str(tmp_path / f"out{suffix}")
-    vae_convert.save_weights(model, path, layout)
-    again = WanVAE(TINY, rngs=nnx.Rngs(7))
-    assert vae_convert.load_weights(again, path) == layout
-    for p, a in params_of(model).items():
-        assert np.array_equal(params_of(again)[p], a), p
-    source, written = open_state_dict(weights_file), open_state_dict(path)
-    names = {vae_convert.diffusers_key(p): k for k, p in vae_convert.torch_names(model, layout).items()}
-    assert sorted(names.values()) == sorted(written)
-    for key in source:
-        assert source[key].dtype == written[names[key]].dtype
-        assert np.array_equal(source[key], written[names[key]]), key
+# Wan2.1's block layout (the one diffusers' own official-key converter hard-codes), at a small width.
+WAN21_BLOCKS = VAEConfig(base_dim=4, z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+
+
+def assert_file_is_state_dict_of(path, reference, layout):
+    """The file, read by diffusers' rules (its own converter for the official layout), is exactly `reference`'s state dict."""
+    written = {k: torch.from_numpy(np.asarray(v)) for k, v in open_state_dict(path).items()}
+    if layout == "original":
+        written = convert_wan_vae_to_diffusers(written)
+    expected = reference.state_dict()
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+
+
+def test_saved_diffusers_file_is_the_diffusers_models_state_dict(model, ref, tmp_path):
+    """`model` holds `ref`'s weights (its loading is checked by the parity tests above)."""
+    path = str(tmp_path / "out.safetensors")
+    vae_convert.save_weights(model, path, "diffusers")
+    assert_file_is_state_dict_of(path, ref, "diffusers")
+
+
+def test_saved_official_file_is_what_diffusers_converts_back(tmp_path):
+    reference = diffusers_vae(WAN21_BLOCKS, seed=4)
+    source = str(tmp_path / "in.safetensors")
+    save_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, source)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(WAN21_BLOCKS, rngs=nnx.Rngs(0))))
+    vae = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state))  # eager init takes minutes
+    vae_convert.load_weights(vae, source)
+    path = str(tmp_path / "Wan2.1_VAE.pth")
+    vae_convert.save_weights(vae, path, "original")
+    assert_file_is_state_dict_of(path, reference, "original")
 
 
 def test_original_layout_import_gives_the_same_model(model, tmp_path):
@@ -192,8 +210,7 @@ def test_original_keys_match_diffusers_converter():
     """Our diffusers → official mapping, inverted by diffusers' own converter, must be the identity.
 
     diffusers' converter hard-codes Wan2.1's block layout (2 residual blocks, dim_mult 1, 2, 4, 4)."""
-    cfg = VAEConfig(base_dim=4, z_dim=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
-    abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: WanVAE(WAN21_BLOCKS, rngs=nnx.Rngs(0)))
     original = vae_convert.torch_names(abstract, "original")
     back = convert_wan_vae_to_diffusers({k: vae_convert.diffusers_key(p) for k, p in original.items()})
     assert back == {k: k for k in back} and len(back) == len(original)

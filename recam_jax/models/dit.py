@@ -155,10 +155,10 @@ class DiTBlock(nnx.Module):
 
     def _add_camera(self, tokens, camera, grid):
         """Adds cam_encoder(camera[frame]) to every token of that latent frame, in both halves."""
-        f, h, w = grid
+        _, h, w = grid
         cam_frames = camera.shape[1]
         emb = self.cam_encoder(camera.astype(tokens.dtype))  # (batch, cam_frames, dim)
-        by_frame = tokens.reshape(tokens.shape[0], f // cam_frames, cam_frames, h * w, -1)
+        by_frame = tokens.reshape(tokens.shape[0], 2, cam_frames, h * w, -1)
         return (by_frame + emb[:, None, :, None, :]).reshape(tokens.shape)
 
 
@@ -213,8 +213,9 @@ class WanDiT(nnx.Module):
     def __call__(self, latents, timestep, text, camera=None):
         cfg = self.cfg
         grid = self._token_grid(latents.shape)
-        if camera is not None and grid[0] % camera.shape[1]:
-            raise ValueError(f"{grid[0]} latent frames are not a multiple of {camera.shape[1]} camera frames")
+        if camera is not None and 2 * camera.shape[1] != grid[0]:
+            raise ValueError(f"camera has {camera.shape[1]} frames; ReCamMaster takes one pose per target latent "
+                             f"frame: half of the {grid[0]} [target ‖ source] latent frames")
         t_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))
         t_mod = self.time_projection(jax.nn.silu(t_emb)).reshape(-1, 6, cfg.dim)
         context = self.text_embedding(text.astype(cfg.dtype))

@@ -1,0 +1,105 @@
+"""Peak host memory of `python -m recam_jax.convert`, per conversion direction, on a generated checkpoint.
+
+    nice -n 10 python benchmarks/convert_memory.py [--dim 1024 --layers 8] [--code DIR]
+
+Writes a random bf16 ReCamMaster `.ckpt` (a few hundred MB), then runs each conversion in its own
+subprocess and prints a table: the input and output sizes, the process's RSS after its imports, its
+peak RSS (VmHWM: the mapped input counts once it is read), and the peak above the imports as a
+multiple of the larger of the two files. `--code DIR` runs the conversions with another checkout's
+`recam_jax` (e.g. an older commit from `git worktree add`) on the same files, for a before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # this checkout's recam_jax writes the input, whichever `--code` converts it
+
+# Runs in the child: RSS after importing (and starting) everything a conversion uses, the
+# conversion, then the peak (Linux /proc).
+CHILD = """
+import sys
+import jax, orbax.checkpoint, safetensors.torch, torch
+from recam_jax import convert
+jax.numpy.zeros(1).block_until_ready()
+
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) // 1024
+
+imported = status("VmRSS:")
+convert.main(sys.argv[1:])
+print("RSS_MB", imported, status("VmHWM:"))
+"""
+
+
+def size_mb(path: str) -> float:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
+    return os.path.getsize(path) / 2**20
+
+
+def write_random_checkpoint(path: str, dim: int, layers: int) -> None:
+    """A random bf16 model of this size, generated and written one tensor at a time."""
+    import ml_dtypes
+    import numpy as np
+
+    from recam_jax import convert
+    from recam_jax.models.dit import DiTConfig
+    from recam_jax.torch_io import LazyTensor
+
+    cfg = DiTConfig(dim=dim, ffn_dim=4 * dim, num_heads=dim // 128, num_layers=layers)
+    _, flat = convert._param_state(convert.abstract_model(cfg))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for w in convert.weight_table(cfg):
+        shape = convert._torch_shape(flat[w.path].shape, w.kind)
+        tensors[w.wan] = LazyTensor(shape, np.dtype(ml_dtypes.bfloat16), lambda shape=shape: (
+            rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16))
+    convert.write_pytorch(tensors, cfg, path, shift=5.0)
+
+
+def run(code: str, args: list[str]) -> tuple[int, int]:
+    env = {**os.environ, "PYTHONPATH": code, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=code, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{args} failed:\n{result.stderr[-3000:]}")
+    imported, peak = next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RSS_MB"))
+    return int(imported), int(peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--code", default=REPO, help="checkout whose recam_jax converts (default: this one)")
+    args = parser.parse_args()
+    heads = ["--num-heads", str(args.dim // 128)]  # spelled as every version of the CLI accepts it
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "in.ckpt")
+        write_random_checkpoint(ckpt, args.dim, args.layers)
+        steps = [  # (name, input, output, extra flags); later steps read earlier outputs
+            ("ckpt → ckpt", ckpt, os.path.join(tmp, "out.ckpt"), []),
+            ("ckpt → safetensors", ckpt, os.path.join(tmp, "out.safetensors"), []),
+            ("safetensors → ckpt", os.path.join(tmp, "out.safetensors"), os.path.join(tmp, "again.ckpt"), []),
+            ("ckpt → diffusers folder", ckpt, os.path.join(tmp, "out_diffusers"), []),
+            ("ckpt → orbax", ckpt, os.path.join(tmp, "params"), []),
+            ("orbax → ckpt", os.path.join(tmp, "params"), os.path.join(tmp, "from_orbax.ckpt"), []),
+            ("ckpt → ckpt --dtype float32", ckpt, os.path.join(tmp, "fp32.ckpt"), ["--dtype", "float32"]),
+        ]
+        print(f"recam_jax from {args.code}; DiT dim {args.dim}, {args.layers} layers, bf16 input")
+        print("| conversion | input MB | output MB | RSS after imports MB | peak RSS MB | (peak − imports) / larger file |")
+        print("|---|---|---|---|---|---|")
+        for name, source, target, flags in steps:
+            imported, peak = run(args.code, [source, target, *heads, *flags])
+            larger = max(size_mb(source), size_mb(target))
+            print(f"| {name} | {size_mb(source):.0f} | {size_mb(target):.0f} | {imported} | {peak} | "
+                  f"{(peak - imported) / larger:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
