@@ -15,12 +15,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import re
 
 import numpy as np
 
 from data_pipeline import cameras
+from recam_jax import storage
 
 NUM_CAMERAS = 10
 CAMERAS = tuple(range(1, NUM_CAMERAS + 1))  # numbered as in the files: cam01 ... cam10
@@ -42,25 +42,25 @@ class Scene:
 
     @property
     def path(self) -> str:
-        return os.path.join(self.split_dir, self.scene_id)
+        return storage.join(self.split_dir, self.scene_id)
 
     @property
     def extrinsics_path(self) -> str:
-        return os.path.join(self.path, "cameras", "camera_extrinsics.json")
+        return storage.join(self.path, "cameras", "camera_extrinsics.json")
 
     def video_path(self, camera: int) -> str:
-        return os.path.join(self.path, "videos", f"cam{camera:02d}.mp4")
+        return storage.join(self.path, "videos", f"cam{camera:02d}.mp4")
 
 
 def find_scenes(split_dir: str) -> list[Scene]:
     """Every `<focal_aperture>/<scene>` folder under a split, sorted so all hosts agree."""
     scenes = []
-    for lens in sorted(os.listdir(split_dir)):
+    for lens in storage.listdir(split_dir):
         match = _FOCAL_FOLDER.match(lens)
-        if match is None or not os.path.isdir(os.path.join(split_dir, lens)):
+        if match is None or not storage.isdir(storage.join(split_dir, lens)):
             continue
-        for name in sorted(os.listdir(os.path.join(split_dir, lens))):
-            if os.path.isdir(os.path.join(split_dir, lens, name)):
+        for name in storage.listdir(storage.join(split_dir, lens)):
+            if storage.isdir(storage.join(split_dir, lens, name)):
                 scenes.append(Scene(split_dir, f"{lens}/{name}", float(match.group(1))))
     return scenes
 
@@ -68,8 +68,7 @@ def find_scenes(split_dir: str) -> list[Scene]:
 def read_extrinsics(path: str, num_frames: int) -> np.ndarray:
     """Unreal matrices (cameras, frames, 4, 4) float64 from a scene's JSON; SceneError if incomplete."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = storage.read_json(path)
     except (OSError, json.JSONDecodeError) as e:
         raise SceneError(f"{path}: cannot read camera JSON ({e})") from e
     poses = np.empty((NUM_CAMERAS, num_frames, 4, 4))
@@ -89,14 +88,14 @@ def validate_scene(scene: Scene, num_frames: int) -> np.ndarray:
     """The scene's extrinsics once every file is present; SceneError naming the first problem."""
     for camera in CAMERAS:
         video = scene.video_path(camera)
-        if not os.path.isfile(video) or os.path.getsize(video) == 0:
+        if not storage.isfile(video) or storage.size(video) == 0:
             raise SceneError(f"{video}: missing or empty video")
     return read_extrinsics(scene.extrinsics_path, num_frames)
 
 
 def load_captions(path: str) -> dict[str, str]:
     """Captions keyed by scene id, from a CSV (`file_name,text`) or JSONL (`{"scene", "text"}`)."""
-    with open(path, newline="") as f:
+    with storage.open(path, newline="") as f:
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in f if line.strip()]
             return {row["scene"].strip("/"): row["text"] for row in rows}

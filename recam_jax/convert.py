@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import re
 from collections.abc import Mapping
 
@@ -30,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from recam_jax import torch_io
+from recam_jax import storage, torch_io
 from recam_jax.models.dit import CAMERA_INIT, DiTConfig, WanDiT
 
 WAN_HEAD_DIM = 128  # every released Wan2.1 size uses 128-wide heads
@@ -215,8 +213,7 @@ def _is_torch_path(path: str) -> bool:
 
 
 def _is_diffusers_dir(path: str) -> bool:
-    return os.path.basename(os.path.normpath(path)).endswith("diffusers") or os.path.exists(
-        os.path.join(path, DIFFUSERS_WEIGHTS))
+    return storage.basename(path).endswith("diffusers") or storage.exists(storage.join(path, DIFFUSERS_WEIGHTS))
 
 
 def load_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, on_host: bool = False,
@@ -241,14 +238,13 @@ def save_pytorch(model: WanDiT, path: str, dtype=None) -> None:
     elif path.endswith(torch_io.PICKLE_SUFFIXES):
         layout, weights_file = "recammaster", path
     else:
-        layout, weights_file = "diffusers", os.path.join(path, DIFFUSERS_WEIGHTS)
+        layout, weights_file = "diffusers", storage.join(path, DIFFUSERS_WEIGHTS)
     state_dict = export_weights(model, layout, dtype)
     if jax.process_index() != 0:
         return
     torch_io.save_state_dict(state_dict, weights_file)
     if layout == "diffusers":
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(diffusers_config(model.cfg), f, indent=2)
+        storage.write_json(storage.join(path, "config.json"), diffusers_config(model.cfg))
 
 
 def diffusers_config(cfg: DiTConfig) -> dict:
@@ -263,11 +259,10 @@ def save_orbax(model: WanDiT, path: str) -> None:
     """Params as an orbax checkpoint plus the model config next to them."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(path, "params"), nnx.state(model, nnx.Param))
-    with open(os.path.join(path, DIT_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(model.cfg), f, indent=2)
+        checkpointer.save(storage.join(path, "params"), nnx.state(model, nnx.Param))
+    storage.write_json(storage.join(path, DIT_CONFIG_FILE), dataclasses.asdict(model.cfg))
 
 
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
@@ -277,19 +272,18 @@ def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, *
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    config_file = os.path.join(path, DIT_CONFIG_FILE)
-    if not os.path.exists(config_file):
+    path = storage.absolute(path)
+    config_file = storage.join(path, DIT_CONFIG_FILE)
+    if not storage.exists(config_file):
         raise torch_io.CheckpointError(f"{path}: not a recam_jax params folder (no {DIT_CONFIG_FILE})")
-    with open(config_file) as f:
-        fields = json.load(f)
+    fields = storage.read_json(config_file)
     cfg = cfg or DiTConfig(**{**fields, "patch_size": tuple(fields["patch_size"]), **overrides})
     model = abstract_model(cfg)
     abstract_params = nnx.state(model, nnx.Param)
     if on_host:  # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
         abstract_params = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params)
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(path, "params"), abstract_params)
+        params = checkpointer.restore(storage.join(path, "params"), abstract_params)
     nnx.update(model, params)
     return model
 

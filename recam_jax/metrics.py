@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 
 from tensorboardX import SummaryWriter
 
+from recam_jax import storage
+
 
 class MetricWriter:
-    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl`.
+    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl` (in a
+    local or gs:// workdir).
 
     With `write_files=False` (every process of a multi-host job but the first) only the line is
     printed, so the shared workdir gets one copy of each file.
@@ -18,9 +20,9 @@ class MetricWriter:
     def __init__(self, workdir: str, write_files: bool = True):
         self.tensorboard = self.jsonl = None
         if write_files:
-            os.makedirs(workdir, exist_ok=True)
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            # On gs:// tensorboardX rewrites its event file whole at each flush (google-cloud-storage).
+            self.tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
+            self.jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         print(f"step {step:>7d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
@@ -29,7 +31,6 @@ class MetricWriter:
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:

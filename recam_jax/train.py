@@ -10,7 +10,6 @@ restarting with the same workdir resumes from the latest checkpoint (SIGTERM sav
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from recam_jax import checkpoint, convert, flops, flow, optim, sharding
+from recam_jax import checkpoint, convert, flops, flow, optim, sharding, storage
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
 from recam_jax.models.dit import WanDiT, dit_config
@@ -369,7 +368,7 @@ def evaluate(config, eval_fn, state, data_sharding) -> float:
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:
     """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference."""
-    path = os.path.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
+    path = storage.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
     convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path)
     if jax.process_index() == 0:  # the one that wrote it
         print(f"exported {path}", flush=True)
@@ -400,7 +399,7 @@ def _log_startup(config, abstract_state, compiled) -> None:
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard logs, exports.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, TensorBoard logs, exports.")
 
 
 def main(argv) -> None:
