@@ -29,10 +29,9 @@ setup(
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
         "tensorflow-datasets>=4.9.10",
-        # gs:// paths: gcsfs for files (fsspec), google-cloud-storage for tensorboardX's event files.
+        # gs:// paths (recam_jax/storage.py); orbax reaches gs:// through tensorstore.
         "fsspec>=2026.9,<2027",
         "gcsfs>=2026.9,<2027",
-        "google-cloud-storage>=3.0,<4",
     ],
     extras_require={
         # Reading and writing PyTorch checkpoints (convert, init_from, export).

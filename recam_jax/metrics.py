@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from recam_jax import storage
 
@@ -20,7 +20,6 @@ class MetricWriter:
     def __init__(self, workdir: str, write_files: bool = True):
         self.tensorboard = self.jsonl = None
         if write_files:
-            # On gs:// tensorboardX rewrites its event file whole at each flush (google-cloud-storage).
             self.tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
             self.jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
 
@@ -30,12 +29,27 @@ class MetricWriter:
             return
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write((json.dumps({"step": step, **scalars}) + "\n").encode())
+        self.jsonl.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+class _EventFiles:
+    """tensorboardX's writer of gs:// event files, through recam_jax/storage.py (its own needs
+    google-cloud-storage clients and re-uploads from a finaliser, after the program is done)."""
+
+    def open(self, path: str) -> storage.AppendLog:
+        return storage.AppendLog(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no folders to create
+
+
+record_writer.register_writer_factory("gs", _EventFiles())
 
 
 def _fmt(value: float) -> str:

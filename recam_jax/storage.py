@@ -6,7 +6,7 @@ rename and no append, so the few operations that need them are defined here once
 
 - `atomic_open`: a reader sees the whole file or none of it (local: a hidden temporary name
   renamed when complete; object store: an object exists only once its upload is complete).
-- `AppendLog`: a growing text log (local: appended; object store: the object rewritten at flush).
+- `AppendLog`: a growing log file (local: appended; object store: the object rewritten at flush).
 - `local_copy` / `local_output`: for the libraries that only take local file names (ffmpeg,
   safetensors, torch.load with mmap, transformers), a local copy of a remote file, or a local
   file uploaded when written. Local paths pass straight through.
@@ -32,8 +32,8 @@ def is_remote(path) -> bool:
 
 
 def _fs(path):
-    """(filesystem, path inside it)."""
-    return fsspec.core.url_to_fs(os.fspath(path))
+    """(filesystem, path inside it). Listings are never cached: other hosts write the same bucket."""
+    return fsspec.core.url_to_fs(os.fspath(path), use_listings_cache=False)
 
 
 def join(base, *names: str) -> str:
@@ -144,37 +144,42 @@ def _local_temporary(path):
 
 
 class AppendLog:
-    """A text log that grows by whole lines and survives restarts (new lines follow the old ones).
+    """A binary file that only grows and survives restarts (new bytes follow the old ones), for
+    logs: metrics.jsonl, TensorBoard event files.
 
-    Object stores cannot append: there the object is rewritten whole at every `write`, which
-    suits small logs (metrics.jsonl) and keeps the object complete at any moment.
+    Object stores cannot append: there the bytes are kept in memory and the object is rewritten
+    whole at every `flush`, which suits small logs and leaves the object complete at any moment.
     """
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self._text = None
         self._file = None
         if is_remote(self.path):
-            self._text = read_text(self.path) if exists(self.path) else ""
+            self._data = bytearray(read_bytes(self.path) if exists(self.path) else b"")
         else:
-            self._file = open(self.path, "a")
+            self._file = open(self.path, "ab")
 
-    def write(self, text: str) -> None:
+    def write(self, data: bytes) -> None:
         if self._file is not None:
-            self._file.write(text)
+            self._file.write(data)
+        else:
+            self._data += data
+
+    def flush(self) -> None:
+        if self._file is not None:
             self._file.flush()
             return
-        self._text += text
-        with open(self.path, "w") as f:
-            f.write(self._text)
+        with open(self.path, "wb") as f:
+            f.write(bytes(self._data))
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
 
 
-def read_text(path) -> str:
-    with open(path) as f:
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
         return f.read()
 
 
@@ -202,7 +207,10 @@ def local_copy_until_exit(path) -> str:
 def _download(path, folder: str) -> str:
     fs, inner = _fs(path)
     local = os.path.join(folder, basename(path))
-    fs.get(inner, local, recursive=fs.isdir(inner))
+    if fs.isdir(inner):
+        fs.get(inner, local, recursive=True)
+    else:
+        fs.get_file(inner, local)  # a file name is not a glob pattern
     return local
 
 
