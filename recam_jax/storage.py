@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -117,12 +118,14 @@ def atomic_open(path, mode: str = "wb"):
         with _local_temporary(path) as tmp, builtins.open(tmp, mode) as file:
             yield file
         return
-    file = open(path, mode)
+    fs, inner = _fs(path)
+    upload = fs.open(inner, "wb")
+    file = upload if "b" in mode else io.TextIOWrapper(upload, encoding="utf-8")
     try:
         yield file
     except BaseException:
-        file.discard()  # cancels an upload in progress
-        file.closed = True  # and keeps the file's finaliser from committing what was written
+        upload.discard()  # cancels an upload in progress
+        upload.closed = True  # and keeps the file's finaliser from committing what was written
         raise
     file.close()
 

@@ -19,6 +19,7 @@ from tests.conftest import REPO
 from tests.test_multihost import launch_two_processes, start_two_processes, wait_for_success
 
 STEPS = 12
+TIMEOUT = 900  # seconds per launch: each compiles the step in two processes sharing the CPU cores
 # The demo config on the tiny demo shards (9 frames of 32×32 → latents 3×4×4×16), one example per device.
 OVERRIDES = {"data.path": None, "data.latent_shape": "(3,4,4,16)", "data.batch_size": 8, "log_every": 1,
              "eval_every": 0, "checkpoint_every": 2, "mesh.data": 1, "mesh.fsdp": -1, "max_unsharded_fraction": 0.05}
@@ -37,19 +38,19 @@ def exported(workdir: str, config):
 @pytest.mark.slow
 def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
     data = f"{gcs_bucket}/shards"
-    demo_data.write_dataset(str(tmp_path), num_scenes=4, num_frames=9, height=32, width=32)
-    demo_data.prepare_demo(str(tmp_path), data, num_frames=9, height=32, width=32, num_val_scenes=2,
+    demo_data.write_dataset(str(tmp_path), num_scenes=3, num_frames=9, height=32, width=32)
+    demo_data.prepare_demo(str(tmp_path), data, num_frames=9, height=32, width=32, num_val_scenes=1,
                            scenes_per_shard=1)
     assert storage.exists(storage.join(data, shards.MANIFEST))
     trainer = dict(config="configs/demo.py", overrides={**OVERRIDES, "data.path": data})
 
     straight = f"{gcs_bucket}/straight"
-    launch_two_processes(straight, STEPS, **trainer)
+    launch_two_processes(straight, STEPS, timeout=TIMEOUT, **trainer)
 
     killed = f"{gcs_bucket}/killed"
     processes = start_two_processes(killed, STEPS, **trainer)
     first_checkpoint = storage.join(killed, "checkpoints", "2", "_CHECKPOINT_METADATA")
-    deadline = time.time() + 240
+    deadline = time.time() + TIMEOUT
     while not storage.exists(first_checkpoint) and time.time() < deadline and processes[0].poll() is None:
         time.sleep(0.05)
     for process in processes:
@@ -57,7 +58,7 @@ def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_buck
         process.wait()
     killed_at = max(read_losses(killed))
     assert all(p.returncode == -signal.SIGKILL for p in processes) and killed_at < STEPS, "ended before the kill"
-    outputs = wait_for_success(start_two_processes(killed, STEPS, **trainer))
+    outputs = wait_for_success(start_two_processes(killed, STEPS, **trainer), TIMEOUT)
     assert all("resumed from step" in output for output in outputs), outputs[0]
 
     losses, resumed = read_losses(straight), read_losses(killed)

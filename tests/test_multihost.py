@@ -44,12 +44,12 @@ def start_two_processes(workdir, steps: int, **trainer) -> list[subprocess.Popen
     return [start_trainer(workdir, steps, {**env, "JAX_PROCESS_ID": str(i)}, **trainer) for i in range(2)]
 
 
-def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
+def wait_for_success(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
     """Each process's output, after checking that all of them exited 0."""
     outputs = []
     for process in processes:
         try:
-            outputs.append(process.communicate(timeout=300)[0])
+            outputs.append(process.communicate(timeout=timeout)[0])
         finally:
             process.kill()
     for process, output in zip(processes, outputs):
@@ -57,8 +57,8 @@ def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
     return outputs
 
 
-def launch_two_processes(workdir, steps: int, **trainer) -> list[str]:
-    return wait_for_success(start_two_processes(workdir, steps, **trainer))
+def launch_two_processes(workdir, steps: int, timeout: float = 300, **trainer) -> list[str]:
+    return wait_for_success(start_two_processes(workdir, steps, **trainer), timeout)
 
 
 def launch_one_process(workdir, steps: int) -> str:

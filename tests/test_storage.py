@@ -76,6 +76,9 @@ def test_a_write_that_fails_leaves_nothing_at_the_path(folder):
     with pytest.raises(RuntimeError), storage.atomic_open(path) as f:
         f.write(b"half a shard")
         raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), storage.atomic_open(path, "w") as f:
+        f.write("half a text")
+        raise RuntimeError("killed")
     assert not storage.exists(path)
     if not storage.is_remote(folder):
         assert os.listdir(folder) == []  # nor a temporary file
