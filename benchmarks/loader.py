@@ -18,6 +18,7 @@ from absl import app, flags
 
 from data_pipeline import loader, multicam, schema, shards, tfrecord
 from data_pipeline.schema import Shapes
+from recam_jax import storage
 
 flags.DEFINE_string("dir", "/tmp/recam_bench", "where to write the synthetic shards")
 flags.DEFINE_integer("scenes", 16, "scenes to write (11 records, ~46 MB each)")
@@ -41,13 +42,14 @@ def write_shards(directory: str, num_scenes: int, text_len: int) -> None:
     names = []
     for first in range(0, num_scenes, 4):
         names.append(shards.shard_name("train", len(names)))
-        writer, scene_ids = tfrecord.Writer(os.path.join(directory, names[-1])), []
-        for k in range(first, min(first + 4, num_scenes)):
-            scene_ids.append(f"f18_aperture10/scene{k}")
-            writer.write(schema.scene_record(scene_ids[-1], "a caption", text))
-            for i, camera in enumerate(multicam.CAMERAS):
-                writer.write(schema.camera_record(scene_ids[-1], camera, latents[i], extrinsics, 18.0, multicam.SENSOR_SIZE_MM))
-        writer.close()
+        scene_ids = []
+        with storage.atomic_open(os.path.join(directory, names[-1])) as file:
+            writer = tfrecord.Writer(file)
+            for k in range(first, min(first + 4, num_scenes)):
+                scene_ids.append(f"f18_aperture10/scene{k}")
+                writer.write(schema.scene_record(scene_ids[-1], "a caption", text))
+                for i, camera in enumerate(multicam.CAMERAS):
+                    writer.write(schema.camera_record(scene_ids[-1], camera, latents[i], extrinsics, 18.0, multicam.SENSOR_SIZE_MM))
         index = {"scenes": scene_ids, "offsets": writer.offsets, "skipped": {}, "default_caption": []}
         shards.write_json_atomically(shards.index_path(directory, names[-1]), index)
     shards.write_manifest(directory, SHAPES, {"video": "synthetic", "text": "synthetic"}, {"train": names}, {})

@@ -14,13 +14,13 @@ also writes a random tiny umT5 (`/tmp/multicam_demo/tiny_umt5`) for `prepare --t
 from __future__ import annotations
 
 import csv
-import os
 
 import numpy as np
 
 from data_pipeline import video
 from data_pipeline.multicam import CAMERAS, write_extrinsics
 from data_pipeline.text_encoder import write_tiny_umt5
+from recam_jax import storage
 
 FOCAL_FOLDERS = ("f18_aperture10", "f24_aperture5", "f35_aperture2.4", "f50_aperture2.4")
 SENSOR_MM = 23.76
@@ -79,12 +79,10 @@ def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, w
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     paths = {camera: camera_path(camera, num_frames) for camera in CAMERAS}
-    os.makedirs(os.path.join(scene_dir, "cameras"), exist_ok=True)
-    os.makedirs(os.path.join(scene_dir, "videos"), exist_ok=True)
-    write_extrinsics(os.path.join(scene_dir, "cameras", "camera_extrinsics.json"), paths)
+    write_extrinsics(storage.join(scene_dir, "cameras", "camera_extrinsics.json"), paths)
     for camera in CAMERAS:
         frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal_mm, colours) for k in range(num_frames)])
-        video.write_video(os.path.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)
+        video.write_video(storage.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)
 
 
 def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int = 48, width: int = 80) -> str:
@@ -93,11 +91,11 @@ def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int 
     for i in range(num_scenes):
         scene_id = f"{FOCAL_FOLDERS[i % len(FOCAL_FOLDERS)]}/scene{i + 1}"
         focal = float(scene_id.split("_")[0][1:])
-        write_scene(os.path.join(root, "train", scene_id), focal, num_frames, height, width, seed=i)
+        write_scene(storage.join(root, "train", scene_id), focal, num_frames, height, width, seed=i)
         if i % 4 != 3:  # every fourth scene has no caption, like scenes a caption file misses
             rows.append({"file_name": scene_id, "text": " ".join(np.random.default_rng(i).choice(WORDS, 8))})
-    captions = os.path.join(root, "captions.csv")
-    with open(captions, "w", newline="") as f:
+    captions = storage.join(root, "captions.csv")
+    with storage.open(captions, "w", newline="") as f:
         writer = csv.DictWriter(f, ["file_name", "text"])
         writer.writeheader()
         writer.writerows(rows)
@@ -108,10 +106,10 @@ def prepare_demo(root: str, output_dir: str, **config) -> None:
     """Shards of a demo dataset, encoded with a tiny random Flax Wan VAE and a random tiny umT5."""
     from data_pipeline import prepare, text_encoder, video_encoder
 
-    text_dir = os.path.join(root, "tiny_umt5")
-    if not os.path.isdir(text_dir):
+    text_dir = storage.join(root, "tiny_umt5")
+    if not storage.isdir(text_dir):
         write_tiny_umt5(text_dir, WORDS)
-    config = prepare.PrepareConfig(root, output_dir, captions=os.path.join(root, "captions.csv"), **config)
+    config = prepare.PrepareConfig(root, output_dir, captions=storage.join(root, "captions.csv"), **config)
     prepare.prepare(config, video_encoder.make_video_encoder("demo"), text_encoder.TextEncoder(text_dir))
 
 
@@ -127,7 +125,7 @@ def main() -> None:
     parser.add_argument("--prepare_to", help="also encode it into shards here (tiny random VAE and umT5)")
     args = parser.parse_args()
     print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width))
-    write_tiny_umt5(os.path.join(args.out, "tiny_umt5"), WORDS)  # a random text encoder to prepare with
+    write_tiny_umt5(storage.join(args.out, "tiny_umt5"), WORDS)  # a random text encoder to prepare with
     if args.prepare_to:
         prepare_demo(args.out, args.prepare_to, num_frames=args.num_frames, height=args.height, width=args.width,
                      num_val_scenes=max(1, args.num_scenes // 4), scenes_per_shard=2)  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import grain
 import numpy as np
@@ -26,6 +25,7 @@ from data_pipeline.multicam import NUM_CAMERAS
 from data_pipeline.schema import RECORDS_PER_SCENE
 from data_pipeline.text_encoder import pad_text
 from data_pipeline.tfrecord import CorruptRecordError
+from recam_jax import storage
 
 TIMESTEPS = 1000  # the trainer's timestep grid; eval examples index into it
 
@@ -47,27 +47,24 @@ class ShardReader:
         self.shapes = shapes
         self.max_record_bytes = shapes.max_record_bytes()
         self.offsets = [shards.read_json(shards.index_path(data_dir, name))["offsets"] for name in files]
-        self._fds: dict[int, int] = {}
-
-    def __getstate__(self):
-        return {**self.__dict__, "_fds": {}}  # file descriptors do not cross into worker processes
+        self._read_from: set[int] = set()
 
     def read(self, shard: int, record: int) -> bytes:
-        """Record `record` of shard `shard`, framing and CRCs checked."""
-        where = f"{os.path.join(self.data_dir, self.files[shard])} record {record}"
+        """Record `record` of shard `shard` (one ranged read: local or gs://), framing and CRCs checked."""
+        path = storage.join(self.data_dir, self.files[shard])
+        where = f"{path} record {record}"
         offsets = self.offsets[shard]
         if record + 1 >= len(offsets):
             raise CorruptRecordError(f"{where}: not in the shard's index ({len(offsets) - 1} records)")
-        if shard not in self._fds:
-            self._fds[shard] = os.open(os.path.join(self.data_dir, self.files[shard]), os.O_RDONLY)
-        return tfrecord.read_record(self._fds[shard], offsets[record], offsets[record + 1], self.max_record_bytes, where)
+        self._read_from.add(shard)
+        return tfrecord.read_record(path, offsets[record], offsets[record + 1], self.max_record_bytes, where)
 
     def opened_files(self) -> list[str]:
-        return [self.files[shard] for shard in sorted(self._fds)]
+        return [self.files[shard] for shard in sorted(self._read_from)]
 
 
 def _where(reader: ShardReader, location: SceneLocation, offset: int) -> str:
-    return f"{os.path.join(reader.data_dir, reader.files[location.shard])} record {location.first_record + offset}"
+    return f"{storage.join(reader.data_dir, reader.files[location.shard])} record {location.first_record + offset}"
 
 
 def process_slice(num_items: int, process_index: int, process_count: int) -> range:
@@ -80,7 +77,7 @@ def process_slice(num_items: int, process_index: int, process_count: int) -> ran
 
 def open_split(data_dir: str, split: str, process_index: int, process_count: int) -> tuple[ShardReader, list[SceneLocation]]:
     """This process's scenes of a split and a reader over only the shards that hold them."""
-    manifest = shards.read_json(os.path.join(data_dir, shards.MANIFEST))
+    manifest = shards.read_json(storage.join(data_dir, shards.MANIFEST))
     if manifest.get("format") != shards.FORMAT:
         raise ValueError(f"{data_dir}/{shards.MANIFEST}: format {manifest.get('format')!r}, expected {shards.FORMAT!r}")
     all_scenes = [(entry["file"], k) for entry in manifest["splits"][split]["shards"] for k in range(entry["num_scenes"])]

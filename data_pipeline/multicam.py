@@ -16,12 +16,12 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import re
 
 import numpy as np
 
 from data_pipeline import cameras
+from recam_jax import storage
 
 NUM_CAMERAS = 10
 CAMERAS = tuple(range(1, NUM_CAMERAS + 1))  # numbered as in the files: cam01 ... cam10
@@ -43,25 +43,25 @@ class Scene:
 
     @property
     def path(self) -> str:
-        return os.path.join(self.split_dir, self.scene_id)
+        return storage.join(self.split_dir, self.scene_id)
 
     @property
     def extrinsics_path(self) -> str:
-        return os.path.join(self.path, "cameras", "camera_extrinsics.json")
+        return storage.join(self.path, "cameras", "camera_extrinsics.json")
 
     def video_path(self, camera: int) -> str:
-        return os.path.join(self.path, "videos", f"cam{camera:02d}.mp4")
+        return storage.join(self.path, "videos", f"cam{camera:02d}.mp4")
 
 
 def find_scenes(split_dir: str) -> list[Scene]:
     """Every `<focal_aperture>/<scene>` folder under a split, sorted so all hosts agree."""
     scenes = []
-    for lens in sorted(os.listdir(split_dir)):
+    for lens in storage.listdir(split_dir):
         match = _FOCAL_FOLDER.match(lens)
-        if match is None or not os.path.isdir(os.path.join(split_dir, lens)):
+        if match is None or not storage.isdir(storage.join(split_dir, lens)):
             continue
-        for name in sorted(os.listdir(os.path.join(split_dir, lens))):
-            if os.path.isdir(os.path.join(split_dir, lens, name)):
+        for name in storage.listdir(storage.join(split_dir, lens)):
+            if storage.isdir(storage.join(split_dir, lens, name)):
                 scenes.append(Scene(split_dir, f"{lens}/{name}", float(match.group(1))))
     return scenes
 
@@ -69,7 +69,7 @@ def find_scenes(split_dir: str) -> list[Scene]:
 def read_extrinsics(path: str, num_frames: int, camera_numbers: tuple[int, ...] = CAMERAS) -> np.ndarray:
     """Unreal matrices (cameras, frames, 4, 4) float64 from a scene's JSON; SceneError if incomplete."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, or bytes that are not UTF-8
         raise SceneError(f"{path}: cannot read camera JSON ({e})") from e
@@ -91,7 +91,7 @@ def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
     num_frames = len(next(iter(paths.values())))
     extrinsics = {f"frame{k}": {f"cam{c:02d}": cameras.unreal_string(poses[k]) for c, poses in paths.items()}
                   for k in range(num_frames)}
-    with open(path, "w") as f:
+    with storage.atomic_open(path, "w") as f:
         json.dump(extrinsics, f, indent=4)
 
 
@@ -99,14 +99,14 @@ def validate_scene(scene: Scene, num_frames: int) -> np.ndarray:
     """The scene's extrinsics once every file is present; SceneError naming the first problem."""
     for camera in CAMERAS:
         video = scene.video_path(camera)
-        if not os.path.isfile(video) or os.path.getsize(video) == 0:
+        if not storage.isfile(video) or storage.size(video) == 0:
             raise SceneError(f"{video}: missing or empty video")
     return read_extrinsics(scene.extrinsics_path, num_frames)
 
 
 def load_captions(path: str) -> dict[str, dict[int, str]]:
     """Captions per scene id and camera number, from a caption file (see `parse_caption_rows`)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
+    with storage.open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a leading BOM is dropped
         text = f.read()
     return captions_by_camera(path, parse_caption_rows(path, text))
 

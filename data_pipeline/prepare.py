@@ -8,7 +8,8 @@
 Every scene is validated and encoded alone: a broken scene is skipped with its reason (written to
 the shard's index file and `prepare_report.json`), never crashing the run. Scenes are cut into
 shards of `--scenes_per_shard`; process p of P writes shards p, p + P, ... Rerunning skips complete
-shards; a killed run leaves only temporary files, which the loader never reads. Held-out scenes
+shards; a killed run leaves only temporary files, which the loader never reads. Every path may
+be a gs:// URL (recam_jax/storage.py). Held-out scenes
 (`--num_val_scenes`, chosen by a hash of their id) go to `val-*` shards only. The last process to
 finish writes `manifest.json`.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 
 import numpy as np
 import tqdm
@@ -26,6 +26,7 @@ import tqdm
 from data_pipeline import multicam, schema, shards, tfrecord, video, video_encoder
 from data_pipeline.multicam import CAMERAS, Scene, SceneError
 from data_pipeline.video import VideoError
+from recam_jax import storage
 
 DEFAULT_CAPTION = "A video of a scene filmed by a moving camera."
 
@@ -112,26 +113,24 @@ class SceneEncoder:
 
 
 def write_shard(directory: str, name: str, scenes: list[Scene], encode: SceneEncoder, progress) -> None:
-    """Encodes and writes one shard (temporary name, then rename), then its index file."""
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    writer = tfrecord.Writer(tmp)
+    """Encodes and writes one shard (it appears whole, or not at all), then its index file."""
     written, skipped, defaulted = [], {}, []
-    for scene in scenes:
-        try:
-            records = encode(scene)
-        except (SceneError, VideoError) as e:
-            if encode.config.strict:
-                raise
-            skipped[scene.scene_id] = str(e)
-        else:
-            for record in records:
-                writer.write(record)
-            written.append(scene.scene_id)
-            if encode.caption(scene)[1]:
-                defaulted.append(scene.scene_id)
-        progress.update(1)
-    writer.close()
-    os.replace(tmp, os.path.join(directory, name))
+    with storage.atomic_open(storage.join(directory, name)) as file:
+        writer = tfrecord.Writer(file)
+        for scene in scenes:
+            try:
+                records = encode(scene)
+            except (SceneError, VideoError) as e:
+                if encode.config.strict:
+                    raise
+                skipped[scene.scene_id] = str(e)
+            else:
+                for record in records:
+                    writer.write(record)
+                written.append(scene.scene_id)
+                if encode.caption(scene)[1]:
+                    defaulted.append(scene.scene_id)
+            progress.update(1)
     index = {"scenes": written, "offsets": writer.offsets, "skipped": skipped, "default_caption": defaulted}
     shards.write_json_atomically(shards.index_path(directory, name), index)
 
@@ -139,7 +138,7 @@ def write_shard(directory: str, name: str, scenes: list[Scene], encode: SceneEnc
 def finish(config: PrepareConfig, plan: dict[str, list[list[Scene]]], encode: SceneEncoder, encoders: dict) -> bool:
     """Writes the manifest and the report once every shard of every split is complete."""
     names = {split: [shards.shard_name(split, k) for k in range(len(chunks))] for split, chunks in plan.items()}
-    if not all(os.path.exists(shards.index_path(config.output_dir, n)) for split in names.values() for n in split):
+    if not all(storage.exists(shards.index_path(config.output_dir, n)) for split in names.values() for n in split):
         return False
     settings = {"height": config.height, "width": config.width, "sensor_size_mm": multicam.SENSOR_SIZE_MM}
     shards.write_manifest(config.output_dir, encode.shapes, encoders, names, settings)
@@ -148,15 +147,15 @@ def finish(config: PrepareConfig, plan: dict[str, list[list[Scene]]], encode: Sc
         index = shards.read_json(shards.index_path(config.output_dir, name))
         report["skipped"].update(index["skipped"])
         report["default_caption"].extend(index["default_caption"])
-    shards.write_json_atomically(os.path.join(config.output_dir, "prepare_report.json"), report)
+    shards.write_json_atomically(storage.join(config.output_dir, "prepare_report.json"), report)
     return True
 
 
 def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
     """Writes this process's shards; returns whether the dataset is complete (manifest written)."""
-    os.makedirs(config.output_dir, exist_ok=True)
+    storage.makedirs(config.output_dir)
     captions = multicam.load_captions(config.captions) if config.captions else {}
-    scenes = multicam.find_scenes(os.path.join(config.input_root, "train"))
+    scenes = multicam.find_scenes(storage.join(config.input_root, "train"))
     if captions and not captions.keys() & {scene.scene_id for scene in scenes}:
         raise multicam.CaptionError(f"{config.captions}: no key names a scene under {config.input_root}/train")
     plan = shard_plan(split_scenes(scenes, config.num_val_scenes), config.scenes_per_shard)
@@ -170,7 +169,7 @@ def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
     with tqdm.tqdm(total=sum(len(chunk) for *_, chunk in mine), unit="scene", desc="prepare") as progress:
         for split, k, chunk in mine:
             name = shards.shard_name(split, k)
-            if os.path.exists(shards.index_path(config.output_dir, name)):
+            if storage.exists(shards.index_path(config.output_dir, name)):
                 progress.update(len(chunk))  # finished by an earlier run
                 continue
             write_shard(config.output_dir, name, chunk, encode, progress)

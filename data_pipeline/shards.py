@@ -5,17 +5,17 @@
                                     offsets, skipped scenes with reasons, scenes given the default caption
     OUT/manifest.json               shapes, dtypes, encoder identities, splits and their shards
 
-A shard is complete exactly when its index file exists: the record file is written under a
-temporary name and renamed first, so a killed run never leaves a shard the loader would read.
+A shard is complete exactly when its index file exists: the record file is written whole first
+(storage.atomic_open), so a killed run never leaves a shard the loader would read. OUT may be a
+local folder or a gs:// URL.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 from data_pipeline.schema import Shapes
+from recam_jax import storage
 
 MANIFEST = "manifest.json"
 FORMAT = "recam_jax.multicam_latents.v1"
@@ -26,20 +26,11 @@ def shard_name(split: str, shard: int) -> str:
 
 
 def index_path(directory: str, name: str) -> str:
-    return os.path.join(directory, name.removesuffix(".tfrecord") + ".index.json")
+    return storage.join(directory, name.removesuffix(".tfrecord") + ".index.json")
 
 
-def write_json_atomically(path: str, value) -> None:
-    """JSON written to a temporary name and renamed, so readers see all of it or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+write_json_atomically = storage.write_json  # readers see all of it or nothing
+read_json = storage.read_json
 
 
 def write_manifest(directory: str, shapes: Shapes, encoders: dict, splits: dict[str, list[str]], settings: dict) -> None:
@@ -60,7 +51,7 @@ def write_manifest(directory: str, shapes: Shapes, encoders: dict, splits: dict[
             "num_default_caption": sum(len(index["default_caption"]) for index in indexes),
             "shards": [{"file": name, "num_scenes": len(index["scenes"])} for name, index in zip(names, indexes)],
         }
-    write_json_atomically(os.path.join(directory, MANIFEST), manifest)
+    write_json_atomically(storage.join(directory, MANIFEST), manifest)
 
 
 def read_shapes(manifest: dict) -> Shapes:

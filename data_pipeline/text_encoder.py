@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from recam_jax import storage
+
 MAX_TEXT_LEN = 512
 
 
@@ -29,8 +31,9 @@ class TextEncoder:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True).eval()
+        with storage.local_copy(model_dir) as local_dir:  # transformers reads local folders
+            self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+            self.model = UMT5EncoderModel.from_pretrained(local_dir, local_files_only=True).eval()
         self.max_len = max_len
         self.text_dim = self.model.config.d_model
         self.identity = f"umt5({model_dir}, d_model={self.text_dim}, max_len={max_len})"

@@ -12,10 +12,11 @@ record span and a size limit before any buffer is allocated for it.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import google_crc32c
+
+from recam_jax import storage
 
 HEADER_BYTES = 12  # length (8) + its masked crc (4)
 FOOTER_BYTES = 4  # masked crc of the data
@@ -40,20 +41,15 @@ def frame(data: bytes) -> bytes:
 
 
 class Writer:
-    """Appends framed records to a file and remembers where each starts."""
+    """Appends framed records to an open binary file (storage.atomic_open) and remembers where each starts."""
 
-    def __init__(self, path: str):
-        self._file = open(path, "wb")
+    def __init__(self, file):
+        self._file = file
         self.offsets = [0]  # record i spans offsets[i]:offsets[i + 1]
 
     def write(self, data: bytes) -> None:
         self._file.write(frame(data))
         self.offsets.append(self.offsets[-1] + len(data) + FRAMING_BYTES)
-
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
 
 
 def _parse_header(header: bytes, where: str) -> int:
@@ -68,8 +64,8 @@ def _parse_header(header: bytes, where: str) -> int:
 
 def scan_offsets(path: str, max_record_bytes: int) -> list[int]:
     """Record offsets of a shard (plus its end), read from the framing alone; checks every length."""
-    offsets, size = [0], os.path.getsize(path)
-    with open(path, "rb") as f:
+    offsets, size = [0], storage.size(path)
+    with storage.open(path, "rb") as f:
         while offsets[-1] < size:
             where = f"{path} record {len(offsets) - 1}"
             length = _parse_header(f.read(HEADER_BYTES), where)
@@ -80,11 +76,11 @@ def scan_offsets(path: str, max_record_bytes: int) -> list[int]:
     return offsets
 
 
-def read_record(fd: int, start: int, end: int, max_record_bytes: int, where: str) -> bytes:
-    """The data of the record spanning file bytes [start, end), size, framing and CRCs checked."""
+def read_record(path: str, start: int, end: int, max_record_bytes: int, where: str) -> bytes:
+    """The data of the record spanning bytes [start, end) of a shard, size, framing and CRCs checked."""
     if end - start > max_record_bytes + FRAMING_BYTES:
         raise CorruptRecordError(f"{where}: indexed size {end - start} exceeds the limit {max_record_bytes}")
-    span = os.pread(fd, end - start, start)
+    span = storage.read_range(path, start, end)
     if len(span) != end - start:
         raise CorruptRecordError(f"{where}: truncated ({len(span)} of {end - start} bytes)")
     length = _parse_header(span[:HEADER_BYTES], where)

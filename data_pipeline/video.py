@@ -12,6 +12,8 @@ import subprocess
 import imageio_ffmpeg
 import numpy as np
 
+from recam_jax import storage
+
 
 class VideoError(ValueError):
     """A video that cannot be used: names the file and what is wrong."""
@@ -30,7 +32,8 @@ def _ffmpeg_command(path: str, num_frames: int, height: int, width: int) -> list
 
 def read_video(path: str, num_frames: int, height: int, width: int) -> np.ndarray:
     """Frames (num_frames, height, width, 3) float32 in [-1, 1]; VideoError if short or unreadable."""
-    result = subprocess.run(_ffmpeg_command(path, num_frames, height, width), capture_output=True)
+    with storage.local_copy(path) as local:  # ffmpeg reads local files (a gs:// video is downloaded)
+        result = subprocess.run(_ffmpeg_command(local, num_frames, height, width), capture_output=True)
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip().splitlines()
         raise VideoError(f"{path}: ffmpeg failed: {message[-1] if message else result.returncode}")
@@ -44,8 +47,9 @@ def read_video(path: str, num_frames: int, height: int, width: int) -> np.ndarra
 
 def write_video(path: str, frames: np.ndarray) -> None:
     """Frames (F, H, W, 3) uint8 as an H.264 mp4, the way the dataset ships its videos."""
-    writer = imageio_ffmpeg.write_frames(path, frames.shape[2:0:-1], fps=15, quality=8, macro_block_size=1)
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with storage.local_output(path) as local:
+        writer = imageio_ffmpeg.write_frames(local, frames.shape[2:0:-1], fps=15, quality=8, macro_block_size=1)
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()

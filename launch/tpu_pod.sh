@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the trainer on every host of a Cloud TPU VM slice (one process per host; the processes find
-# each other through jax.distributed.initialize, which recam_jax.train calls on multi-host launches).
+# each other through jax.distributed.initialize, which recam_jax.train calls where JAX detects a
+# cluster). WORKDIR must be a gs:// bucket every host reaches (the VM's service account needs access).
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE configs/base.py gs://bucket/runs/exp1 --config.mesh.fsdp=-1 ...
 #

@@ -3,14 +3,15 @@
 Orbax writes each step into a temporary folder and renames it only when complete, so a crash
 mid-save never leaves a checkpoint that restores wrong; restore reads only finished steps.
 Arrays are restored straight onto the shardings of the abstract state they are given.
+`workdir` may be a gs:// URL: orbax writes there itself, every host to the same place.
 """
 
 from __future__ import annotations
 
-import os
-
 import grain
 import orbax.checkpoint as ocp
+
+from recam_jax import storage
 
 
 def make_manager(workdir: str, *, every: int, keep_last: int, keep_every: int) -> ocp.CheckpointManager:
@@ -25,7 +26,7 @@ def make_manager(workdir: str, *, every: int, keep_last: int, keep_every: int) -
         cleanup_tmp_directories=True,  # a save cut short by a crash is removed, never restored
         create=True,
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, *, force: bool = False) -> bool:

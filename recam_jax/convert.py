@@ -28,7 +28,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Mapping
 
@@ -38,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from recam_jax import torch_io
+from recam_jax import storage, torch_io
 from recam_jax.models.dit import CAMERA_INIT, VARIANTS, DiTConfig, WanDiT
 from recam_jax.torch_io import CheckpointError, LazyTensor
 
@@ -148,24 +147,23 @@ def model_record(cfg: DiTConfig, shift: float | None = None) -> dict:
 
 
 def _record_location(path: str) -> str:
-    path = os.path.normpath(path)
-    return os.path.join(path, RECORD_FILE) if os.path.isdir(path) or _is_diffusers_dir(path) else path + RECORD_SUFFIX
+    path = path.rstrip("/")
+    return storage.join(path, RECORD_FILE) if storage.isdir(path) or _is_diffusers_dir(path) else path + RECORD_SUFFIX
 
 
 def read_model_record(path: str) -> dict | None:
     """The model record written with the weights at `path` (see `model_record`), or None if they have none."""
-    if path.endswith(".safetensors") and os.path.isfile(path):
+    if path.endswith(".safetensors") and storage.isfile(path):
         text = torch_io.open_state_dict(path).metadata.get(RECORD_KEY)
         if text is not None:
             return _parse_record(text, f"{path} (header metadata '{RECORD_KEY}')")
     location = _record_location(path)
-    legacy = os.path.join(path, LEGACY_CONFIG_FILE)
-    if not os.path.exists(location) and os.path.exists(legacy):
-        with open(legacy) as f:
-            return _parse_record(json.dumps({"dit": json.load(f), "flow_shift": None}), legacy)
-    if not os.path.exists(location):
+    legacy = storage.join(path, LEGACY_CONFIG_FILE)
+    if not storage.exists(location) and storage.exists(legacy):
+        return _parse_record(json.dumps({"dit": storage.read_json(legacy), "flow_shift": None}), legacy)
+    if not storage.exists(location):
         return None
-    with open(location) as f:
+    with storage.open(location) as f:
         return _parse_record(f.read(), location)
 
 
@@ -180,11 +178,7 @@ def _parse_record(text: str, source: str) -> dict:
 
 
 def _write_record(record: dict, location: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-
-    torch_io._atomic_write(location, write)
+    storage.write_json(location, record)
 
 
 def check_record(cfg: DiTConfig, record: dict | None, source: str, other: str = "asked for") -> None:
@@ -456,14 +450,13 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 def _is_torch_path(path: str) -> bool:
     """A PyTorch file, a diffusers folder, or a folder of (sharded) safetensors such as Wan's releases."""
-    if os.path.isdir(path) and any(f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path)):
+    if storage.isdir(path) and any(f.endswith((".safetensors", ".safetensors.index.json")) for f in storage.listdir(path)):
         return True
     return path.endswith((".safetensors", ".index.json", *torch_io.PICKLE_SUFFIXES)) or _is_diffusers_dir(path)
 
 
 def _is_diffusers_dir(path: str) -> bool:
-    return os.path.basename(os.path.normpath(path)).endswith("diffusers") or os.path.exists(
-        os.path.join(path, DIFFUSERS_WEIGHTS))
+    return storage.basename(path).endswith("diffusers") or storage.exists(storage.join(path, DIFFUSERS_WEIGHTS))
 
 
 def open_pytorch(path: str, cfg: DiTConfig | None = None, num_heads: int | None = None, **overrides,
@@ -510,10 +503,9 @@ def write_pytorch(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, 
         torch_io.save_state_dict(_named(tensors, cfg, "recammaster"), path)
         _write_record(record, _record_location(path))
     else:
-        torch_io.save_state_dict(_named(tensors, cfg, "diffusers"), os.path.join(path, DIFFUSERS_WEIGHTS))
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(diffusers_config(cfg), f, indent=2)
-        _write_record(record, os.path.join(path, RECORD_FILE))
+        torch_io.save_state_dict(_named(tensors, cfg, "diffusers"), storage.join(path, DIFFUSERS_WEIGHTS))
+        storage.write_json(storage.join(path, "config.json"), diffusers_config(cfg))
+        _write_record(record, storage.join(path, RECORD_FILE))
 
 
 def diffusers_config(cfg: DiTConfig) -> dict:
@@ -528,15 +520,15 @@ def save_orbax(model: WanDiT, path: str, shift: float | None = None) -> None:
     """Params as an orbax checkpoint plus the model record next to them."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(path, "params"), nnx.state(model, nnx.Param))
+        checkpointer.save(storage.join(path, "params"), nnx.state(model, nnx.Param))
     if jax.process_index() == 0:
-        _write_record(model_record(model.cfg, shift), os.path.join(path, RECORD_FILE))
+        _write_record(model_record(model.cfg, shift), storage.join(path, RECORD_FILE))
 
 
 def _orbax_record(path: str) -> dict:
-    record = read_model_record(path) if os.path.isdir(path) else None
+    record = read_model_record(path) if storage.isdir(path) else None
     if record is None:
         raise CheckpointError(f"{path}: not a recam_jax params folder (no {RECORD_FILE}) nor a PyTorch checkpoint "
                               f"(no .safetensors, *.safetensors.index.json or {'/'.join(torch_io.PICKLE_SUFFIXES)})")
@@ -549,7 +541,7 @@ def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool, stored_dtypes: bool
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        params_dir = os.path.join(path, "params")
+        params_dir = storage.join(path, "params")
         stored = {m.name.removesuffix(".value"): m.dtype for m in
                   jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)}
         # Folders hold the layout they were saved from: one entry per block, or the blocks stacked.
@@ -568,7 +560,7 @@ def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool, stored_dtypes: bool
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
     """The model saved by `save_orbax` (numerics overridable; with `cfg`, that config, checked against
     the record). `on_host`: the weights are restored as numpy arrays in host memory, as in `import_weights`."""
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     record = _orbax_record(path)
     if cfg is None:
         cfg = DiTConfig(**{**record["dit"], **overrides})
@@ -594,9 +586,9 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
-        record = _orbax_record(os.path.abspath(source))
+        record = _orbax_record(storage.absolute(source))
         cfg = DiTConfig(**record["dit"])
-        tensors = model_tensors(_restore_orbax(os.path.abspath(source), cfg, on_host=True, stored_dtypes=True))
+        tensors = model_tensors(_restore_orbax(storage.absolute(source), cfg, on_host=True, stored_dtypes=True))
     shift = record["flow_shift"] if record else None
     if dtype is not None:
         tensors = _cast(tensors, dtype)
@@ -610,13 +602,13 @@ def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path:
     """`save_orbax` of the model holding `tensors`, in their own dtypes."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
+    path = storage.absolute(path)
     state, flat = _param_state(abstract_model(_per_block(cfg)))  # read back in either layout (`_restore_orbax`)
     for w in weight_table(cfg):
         flat[w.path].set_value(to_flax_layout(tensors[w.wan].load(), w.kind))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(path, "params"), state)
-    _write_record(model_record(cfg, shift), os.path.join(path, RECORD_FILE))
+        checkpointer.save(storage.join(path, "params"), state)
+    _write_record(model_record(cfg, shift), storage.join(path, RECORD_FILE))
 
 
 def main(argv=None) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
+
+from recam_jax import storage
 
 
 class MetricWriter:
-    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl`.
+    """Writes each record three ways: a readable line, TensorBoard scalars, `metrics.jsonl` (in a
+    local or gs:// workdir).
 
     With `write_files=False` (every process of a multi-host job but the first) only the line is
     printed, so the shared workdir gets one copy of each file.
@@ -18,9 +20,8 @@ class MetricWriter:
     def __init__(self, workdir: str, write_files: bool = True):
         self.tensorboard = self.jsonl = None
         if write_files:
-            os.makedirs(workdir, exist_ok=True)
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
+            self.jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         print(f"step {step:>7d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
@@ -28,13 +29,27 @@ class MetricWriter:
             return
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write((json.dumps({"step": step, **scalars}) + "\n").encode())
         self.jsonl.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+class _EventFiles:
+    """tensorboardX's writer of gs:// event files, through recam_jax/storage.py (its own needs
+    google-cloud-storage clients and re-uploads from a finaliser, after the program is done)."""
+
+    def open(self, path: str) -> storage.AppendLog:
+        return storage.AppendLog(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no folders to create
+
+
+record_writer.register_writer_factory("gs", _EventFiles())
 
 
 def _fmt(value: float) -> str:

@@ -127,33 +127,39 @@ def make_mesh(sizes: Mapping[str, int], dcn_sizes: Mapping[str, int] | None = No
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _launched_on_many_hosts(env: Mapping[str, str]) -> bool:
-    """True when the launcher's environment says this process is one of several."""
-    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return (len(tpu_hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+def jax_detects_cluster() -> bool:
+    """Whether JAX's own cluster detection (what `jax.distributed.initialize()` runs when given no
+    arguments) recognises this process's environment: a Cloud TPU VM (slice or pod, from the VM's
+    metadata server), GKE, Slurm, Open MPI, Kubernetes."""
+    from jax._src import clusters  # the detectors jax.distributed.initialize() itself consults
+
+    return any(cluster.is_env_present() for cluster in clusters.ClusterEnv._cluster_types
+               if not cluster.opt_in_only_method)
 
 
-def maybe_initialize_distributed(env: Mapping[str, str] | None = None,
-                                 initialize: Callable[..., None] = jax.distributed.initialize) -> bool:
-    """Starts the JAX multi-host runtime when launched on several hosts (auto-detected, no flags).
+def maybe_initialize_distributed(initialize: Callable[..., None] = jax.distributed.initialize,
+                                 detect_cluster: Callable[[], bool] = jax_detects_cluster) -> bool:
+    """Starts the JAX multi-host runtime where the job runs on a cluster; nothing to set by hand.
 
-    JAX detects the cluster (TPU pod, Slurm, Open MPI); a hand-made launch sets
-    JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
-    Must run before anything touches the devices; a no-op (returns False) on one host.
+    On a cluster JAX recognises (a Cloud TPU VM pod, Slurm, ...) `jax.distributed.initialize()`
+    finds the coordinator and the process layout itself. A hand-made launch (no cluster manager)
+    sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process. Must run
+    before anything touches the devices; returns whether it initialised (False on a plain host).
     """
-    env = os.environ if env is None else env
-    if not _launched_on_many_hosts(env):
-        return False
-    layout = {}
-    if "JAX_NUM_PROCESSES" in env or "JAX_PROCESS_ID" in env:
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
         try:
             layout = dict(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
         except (KeyError, ValueError) as e:
-            raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must both be set to integers, got "
-                             f"{env.get('JAX_NUM_PROCESSES')!r} and {env.get('JAX_PROCESS_ID')!r}") from e
-    initialize(**layout)
-    return True
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must both be "
+                             f"set to integers, got {env.get('JAX_NUM_PROCESSES')!r} and "
+                             f"{env.get('JAX_PROCESS_ID')!r}") from e
+        initialize(**layout)  # the coordinator address is read from the environment by JAX
+        return True
+    if detect_cluster():
+        initialize()
+        return True
+    return False
 
 
 # Parameter shardings ---------------------------------------------------------------------------

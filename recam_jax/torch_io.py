@@ -19,11 +19,12 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from recam_jax import storage
 
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
@@ -116,7 +117,7 @@ def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
     shapes, dtypes, owner, metadata = {}, {}, {}, {}  # per tensor: shape, dtype, the open file holding it
     for file in files:
         try:
-            handle = safe_open(file, framework="pt")
+            handle = safe_open(storage.local_copy_until_exit(file), framework="pt")  # safetensors maps local files
             names = list(handle.keys())
             metadata.update(handle.metadata() or {})
             for name in names:
@@ -136,13 +137,12 @@ def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
 
 def _open_safetensors_index(index_path: str) -> LazyStateDict:
     try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = storage.read_json(index_path)["weight_map"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from e
-    folder = os.path.dirname(index_path)
-    files = sorted({os.path.join(folder, name) for name in weight_map.values()})
-    missing = [f for f in files if not os.path.exists(f)]
+    folder = storage.parent(index_path)
+    files = sorted({storage.join(folder, name) for name in weight_map.values()})
+    missing = [f for f in files if not storage.exists(f)]
     if missing:
         raise CheckpointError(f"{index_path}: shard files listed in the index are missing: {missing}")
     return _open_safetensors_files(index_path, files)
@@ -151,7 +151,7 @@ def _open_safetensors_index(index_path: str) -> LazyStateDict:
 def _open_pickle(path: str) -> LazyStateDict:
     torch = _torch()
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(storage.local_copy_until_exit(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: the pickle holds more than tensors, and loading it could run "
@@ -174,18 +174,18 @@ def open_state_dict(path: str) -> LazyStateDict:
     """Opens `.safetensors`, a sharded `*.safetensors.index.json` (or a folder holding one), or a
     PyTorch pickle of tensors, as a lazy `name -> np.ndarray` mapping."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        indexes = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
-        singles = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    if storage.isdir(path):
+        indexes = [f for f in storage.listdir(path) if f.endswith(".safetensors.index.json")]
+        singles = [f for f in storage.listdir(path) if f.endswith(".safetensors")]
         if len(indexes) == 1:
-            return _open_safetensors_index(os.path.join(path, indexes[0]))
+            return _open_safetensors_index(storage.join(path, indexes[0]))
         if len(singles) == 1:
-            return _open_safetensors_files(path, [os.path.join(path, singles[0])])
+            return _open_safetensors_files(path, [storage.join(path, singles[0])])
         raise CheckpointError(
             f"{path}: expected one '*.safetensors.index.json' or one '*.safetensors' in the folder, "
             f"found indexes={indexes} files={singles}"
         )
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".index.json"):
         return _open_safetensors_index(path)
@@ -220,17 +220,9 @@ def check_names_and_shapes(
 
 
 def _atomic_write(path: str, write_fn) -> None:
-    """Writes through a temporary file in the same folder and renames: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
+    """Writes through a temporary local file, published whole at `path` (local or gs://)."""
+    with storage.local_output(path) as tmp:
         write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_state_dict(tensors: Mapping[str, np.ndarray | LazyTensor], path: str,
@@ -267,7 +259,7 @@ def _write_safetensors(tensors: Mapping[str, LazyTensor], path: str, metadata: M
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
+    with storage.open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for name, tensor in tensors.items():

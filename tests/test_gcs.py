@@ -1,0 +1,72 @@
+"""The pod path on a real GCS server (fake-gcs-server on loopback): prepare writes shards to a
+bucket, a two-process job trains from them with its workdir in the bucket, is SIGKILLed, resumes
+bit-identically from the bucket, and its exported .ckpt is read back from there by the converter."""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from data_pipeline import demo_data, shards
+from recam_jax import convert, storage, train
+from tests.conftest import REPO
+from tests.test_multihost import launch_two_processes, start_two_processes, wait_for_success
+
+STEPS = 12
+TIMEOUT = 900  # seconds per launch: each compiles the step in two processes sharing the CPU cores
+# The demo config on the tiny demo shards (9 frames of 32×32 → latents 3×4×4×16), one example per device.
+OVERRIDES = {"data.path": None, "data.latent_shape": "(3,4,4,16)", "data.batch_size": 8, "log_every": 1,
+             "eval_every": 0, "checkpoint_every": 2, "mesh.data": 1, "mesh.fsdp": -1, "max_unsharded_fraction": 0.05}
+
+
+def read_losses(workdir: str) -> dict[int, float]:
+    with storage.open(storage.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def exported(workdir: str, config):
+    path = storage.join(workdir, "exports", f"recammaster_step{STEPS}.ckpt")
+    return convert.load_pytorch(path, train.model_config(config))
+
+
+@pytest.mark.slow
+def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
+    data = f"{gcs_bucket}/shards"
+    demo_data.write_dataset(str(tmp_path), num_scenes=3, num_frames=9, height=32, width=32)
+    demo_data.prepare_demo(str(tmp_path), data, num_frames=9, height=32, width=32, num_val_scenes=1,
+                           scenes_per_shard=1)
+    assert storage.exists(storage.join(data, shards.MANIFEST))
+    trainer = dict(config="configs/demo.py", overrides={**OVERRIDES, "data.path": data})
+
+    straight = f"{gcs_bucket}/straight"
+    launch_two_processes(straight, STEPS, timeout=TIMEOUT, **trainer)
+
+    killed = f"{gcs_bucket}/killed"
+    processes = start_two_processes(killed, STEPS, **trainer)
+    first_checkpoint = storage.join(killed, "checkpoints", "2", "_CHECKPOINT_METADATA")
+    deadline = time.time() + TIMEOUT
+    while not storage.exists(first_checkpoint) and time.time() < deadline and processes[0].poll() is None:
+        time.sleep(0.05)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = max(read_losses(killed))
+    assert all(p.returncode == -signal.SIGKILL for p in processes) and killed_at < STEPS, "ended before the kill"
+    outputs = wait_for_success(start_two_processes(killed, STEPS, **trainer), TIMEOUT)
+    assert all("resumed from step" in output for output in outputs), outputs[0]
+
+    losses, resumed = read_losses(straight), read_losses(killed)
+    assert sorted(resumed) == list(range(1, STEPS + 1)) and resumed == losses
+    assert storage.listdir(storage.join(killed, "tensorboard"))  # event files, written through the GCS client
+    assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder named "gs:"
+    config = demo.get_config()
+    config.data.latent_shape = (3, 4, 4, 16)
+    for got, want in zip(jax.tree.leaves(nnx.state(exported(killed, config))),
+                         jax.tree.leaves(nnx.state(exported(straight, config))), strict=True):
+        np.testing.assert_array_equal(got, want)
