@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
+import io
 import math
-import os
 
 import numpy as np
 import tqdm
 
 from data_pipeline import multicam, video
+from recam_jax import storage
 
 DEFAULT_PROMPT = "Describe the content of this video in detail: the scene, the subjects and their motion."
 
@@ -77,19 +79,24 @@ class Captioner:
 
 def captioned_scenes(output: str) -> set[str]:
     """Scene ids already in `output` after dropping a row cut short by a kill; writes the header if none."""
-    if os.path.exists(output):
-        with open(output, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)  # every row is one line: a complete row ends with one
-    if not os.path.exists(output) or os.path.getsize(output) == 0:
-        with open(output, "w", newline="") as f:
-            csv.writer(f).writerow(["file_name", "text"])
+    data = storage.read_bytes(output) if storage.exists(output) else b""
+    complete = data[: data.rfind(b"\n") + 1] or csv_lines([("file_name", "text")])  # a complete row ends a line
+    if complete != data:
+        with storage.atomic_open(output, "wb") as f:
+            f.write(complete)
     return set(multicam.load_captions(output))
+
+
+def csv_lines(rows) -> bytes:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode("utf-8")
 
 
 def caption_scenes(input_root: str, output: str, captioner, camera: int = 1, frames: int = 4, clip_frames: int = 81,
                    height: int = 240, width: int = 416, batch_size: int = 8) -> dict[str, str]:  # fmt: skip
     """Appends a caption row for every scene not yet in `output`; returns the scenes left out, with why."""
-    scenes = multicam.find_scenes(os.path.join(input_root, "train"))
+    scenes = multicam.find_scenes(storage.join(input_root, "train"))
     done = captioned_scenes(output)
     todo = [scene for scene in scenes if scene.scene_id not in done]
     failed = {}
@@ -101,7 +108,8 @@ def caption_scenes(input_root: str, output: str, captioner, camera: int = 1, fra
             return e
 
     progress = tqdm.tqdm(total=len(scenes), initial=len(scenes) - len(todo), unit="scene", desc="caption")
-    with open(output, "a", newline="") as f, concurrent.futures.ThreadPoolExecutor(batch_size) as decoders, progress:
+    with contextlib.closing(storage.AppendLog(output)) as log, concurrent.futures.ThreadPoolExecutor(batch_size) as decoders, \
+            progress:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = {}
@@ -112,8 +120,8 @@ def caption_scenes(input_root: str, output: str, captioner, camera: int = 1, fra
                     images[scene.scene_id] = image
             texts = dict(zip(images, captioner(list(images.values())))) if images else {}
             failed.update({scene_id: "empty caption" for scene_id, text in texts.items() if not text})
-            csv.writer(f).writerows([(scene_id, text) for scene_id, text in texts.items() if text])
-            f.flush()
+            log.write(csv_lines([(scene_id, text) for scene_id, text in texts.items() if text]))
+            log.flush()
             progress.update(len(batch))
     return failed
 
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    output = args.output or os.path.join(args.input_root, "captions.csv")
+    output = args.output or storage.join(args.input_root, "captions.csv")
     captioner = Captioner(args.model_dir, args.prompt, args.max_new_tokens, args.device, args.dtype)
     failed = caption_scenes(args.input_root, output, captioner, args.camera, args.frames, args.clip_frames,
                             args.height, args.width, args.batch_size)  # fmt: skip

@@ -41,11 +41,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 
 import numpy as np
 
 from data_pipeline import multicam
+from recam_jax import storage
 
 DEFAULT_FRAMES = 81
 START_CM = np.array([3390.0, 1380.0, 240.0])  # where every official trajectory starts
@@ -193,7 +193,7 @@ def generate(spec: str, frames: int = DEFAULT_FRAMES) -> np.ndarray:
 
 def load(trajectory: str, camera: int = 1, frames: int = DEFAULT_FRAMES) -> np.ndarray:
     """Unreal matrices (frames, 4, 4) from a camera JSON file (its camXX), a preset name or a spec."""
-    if trajectory.endswith(".json") or os.path.exists(trajectory):
+    if trajectory.endswith(".json") or storage.exists(trajectory):
         return multicam.read_extrinsics(trajectory, frames, camera_numbers=(camera,))[0]
     return generate(trajectory, frames)
 
