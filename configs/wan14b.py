@@ -18,4 +18,6 @@ def get_config():
     c.mesh.fsdp = -1
     c.mesh.context = 2
     c.model.attention = "ulysses_splash"
+    # Parameters and moments sharded over fsdp × context (32 ways), not fsdp alone.
+    c.sharding_rules = "fsdp_context"
     return c
