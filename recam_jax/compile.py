@@ -7,7 +7,7 @@ devices of a TPU topology description (needs libtpu, no TPU: nothing is allocate
 devices without `--topology`, and prints per-device memory against the chip's HBM, the analytic
 model FLOPs of a step with its step time at a given MFU, the collectives in the compiled program, and
 the host map: each host's devices and the global batch rows it must load under the mesh. A layout the
-loader cannot feed (a device's share of a (micro-)batch not whole rows) is refused before compiling.
+loader cannot feed (a device's share of the batch not whole rows) is refused before compiling.
 With `mesh.num_slices` > 1 it compiles for that many slices of the topology joined over DCN.
 
 Topologies: Cloud names `v5p-N` and `v4-N` count TensorCores (two per chip: v5p-8 = 4 chips),

@@ -228,24 +228,21 @@ class BatchLayoutError(ValueError):
     """A mesh and batch size under which some device's share of the batch is not whole rows."""
 
 
-def process_rows(data_sharding: NamedSharding, batch_size: int, micro_batches: int = 1) -> dict[int, np.ndarray]:
+def process_rows(data_sharding: NamedSharding, batch_size: int) -> dict[int, np.ndarray]:
     """The global batch rows each process must load: the union of the rows its devices hold.
 
     Devices that differ only along axes the batch is not sharded over (context, tensor, or any axis
     of a replicated batch) hold the same rows, so processes sharing such a group load the same rows
     and processes in different data-parallel groups disjoint ones. The loader feeds any layout in
-    which every device (in each of `micro_batches` micro-batches) holds whole rows; others raise
-    BatchLayoutError.
+    which every device holds whole rows; others raise BatchLayoutError.
     """
     spec = data_sharding.spec[0] if data_sharding.spec else None
     batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     shards = math.prod(data_sharding.mesh.shape[axis] for axis in batch_axes)
-    if batch_size % (shards * micro_batches):
+    if batch_size % shards:
         raise BatchLayoutError(
             f"data.batch_size={batch_size} cannot be fed: the batch is split over mesh axes {batch_axes} "
-            f"({shards} shards) in {micro_batches} micro-batch(es), so each device would hold "
-            f"{batch_size / (shards * micro_batches):g} rows per micro-batch; use a multiple of "
-            f"{shards * micro_batches}")
+            f"({shards} shards), so each device would hold {batch_size / shards:g} rows; use a multiple of {shards}")
     rows = collections.defaultdict(set)
     for device, index in data_sharding.devices_indices_map((batch_size,)).items():
         rows[device.process_index].update(range(batch_size)[index[0]])

@@ -193,7 +193,7 @@ def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg) -> jax.Arra
 
 def batch_rows(config, data_sharding: NamedSharding) -> dict[int, np.ndarray]:
     """The global batch rows each process loads: those its devices hold under the batch sharding."""
-    return sharding.process_rows(data_sharding, config.data.batch_size, config.optimizer.grad_accum_steps)
+    return sharding.process_rows(data_sharding, config.data.batch_size)
 
 
 def make_data_iterator(config, data_sharding: NamedSharding, *, split: str = "train"):

@@ -155,4 +155,4 @@ def test_cli_refuses_a_batch_the_hosts_cannot_split_before_compiling():
     result = run_cli("--topology", "v5p-64", "--config.data.batch_size=24", config="configs/wan14b.py")
     assert result.returncode != 0
     assert ("the loader cannot feed this layout: data.batch_size=24 cannot be fed: the batch is split over mesh "
-            "axes ('data', 'fsdp') (16 shards)") in result.stderr, result.stderr[-2000:]
+            "axes ('data', 'fsdp') (16 shards), so each device would hold 1.5 rows") in result.stderr, result.stderr[-2000:]

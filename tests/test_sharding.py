@@ -64,8 +64,6 @@ def test_process_rows_refuses_a_batch_that_is_not_whole_rows_per_device():
     batch_sharding = sharding.batch_sharding(sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2}))
     with pytest.raises(sharding.BatchLayoutError, match=r"batch_size=6 .*\('data', 'fsdp'\) \(4 shards\)"):
         sharding.process_rows(batch_sharding, 6)
-    with pytest.raises(sharding.BatchLayoutError, match="in 2 micro-batch"):
-        sharding.process_rows(batch_sharding, 4, micro_batches=2)
 
 
 def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
