@@ -4,8 +4,8 @@
         --config.init_from=/path/to/Wan2.1-T2V-14B/diffusion_pytorch_model.safetensors.index.json
 
 Hardware: a TPU v5p-64 (32 chips): fsdp 16 × context 2 with all-to-all (Ulysses) splash attention,
-53.5 GiB per chip in the AOT plan of docs/scale.md with parameters sharded over fsdp only (fsdp 32
-alone does not fit); here they are sharded over fsdp × context (`fsdp_context`).
+53.5 GiB per chip in the AOT plan of docs/scale.md (fsdp 32 alone does not fit; so does the
+`fsdp_context` rule set, which shards parameters over context too: its temporaries grow past HBM).
 """
 
 from configs import base
@@ -19,6 +19,4 @@ def get_config():
     c.mesh.fsdp = -1
     c.mesh.context = 2
     c.model.attention = "ulysses_splash"
-    # Parameters and moments sharded over fsdp × context (32 ways), not fsdp alone.
-    c.sharding_rules = "fsdp_context"
     return c
