@@ -32,7 +32,7 @@ def benchmark(config, warmup: int, steps: int) -> dict:
         compiled, _, _, shardings, data_sharding = train.compile_step(config, mesh)
         compile_seconds = time.perf_counter() - start
         state = jax.jit(train.init_fn(config), out_shardings=shardings)()
-        batch = train.to_global(next(train.make_data_iterator(config)), data_sharding)
+        batch = train.to_global(next(train.make_data_iterator(config, data_sharding)), data_sharding, config)
         times = []
         for i in range(warmup + steps):
             start = time.perf_counter()

@@ -96,13 +96,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Examples in the synthetic dataset (its eval split has as many, held out).
     c.data.synthetic_examples = 1024
 
-    # Mesh axis sizes; -1 fills the remaining devices.
+    # Mesh axis sizes within one slice; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.context = 1
     c.mesh.tensor = 1
-    # Logical-axis rule set of recam_jax/sharding.py (default, replicated, tensor_only).
+    # Multi-slice (DCN): the job's slices (TPU slices; on CPU/GPU each process is one) and how many
+    # of them each axis spans (product = num_slices; -1 fills). An axis's full size is its size above
+    # times its dcn_ size. Only num_slices > 1 uses them; keep data (or fsdp) across slices.
+    c.mesh.num_slices = 1
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_context = 1
+    c.mesh.dcn_tensor = 1
+    # Logical-axis rule set of recam_jax/sharding.py (default, replicated, tensor_only, fsdp_context).
     c.sharding_rules = "default"
     # With fsdp or tensor > 1: fail if more than this fraction of parameter elements stays whole.
     c.max_unsharded_fraction = 0.01

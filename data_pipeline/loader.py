@@ -1,14 +1,15 @@
 """The grain loader: shards of pre-encoded scenes -> training and evaluation batches (recam_jax/batch.py).
 
 An example is (scene, target camera, source camera): every (scene, target camera) pair once per
-epoch, in a global shuffle (by seed, different every epoch) of this process's scenes, with a source
+epoch, in a global shuffle (by seed, different every epoch) of the split's scenes, with a source
 camera drawn among the 9 others. It reads 3 records (target, source, the scene's text), computes
 the camera input on the fly (cameras.training_camera), casts bfloat16 to float32 and zero-pads the
-text to `text_len`. Each process takes a contiguous slice of the scenes and opens only the shards
-that hold them. Reads go through the stored record offsets, with CRC and shape checks.
+text to `text_len`. Every process walks the same global order and reads only its `rows` of each
+global batch (`recam_jax.batch.rows_of_global_batches`; the trainer passes the rows its devices
+hold), so a global batch is the same for any number of processes; shards are opened on first read.
+Reads go through the stored record offsets, with CRC and shape checks.
 
-    it = make_train_iterator(data_dir, batch_size=4, text_len=512, seed=0,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    it = make_train_iterator(data_dir, batch_size=4, text_len=512, seed=0, rows=[0, 1])
     batch = next(it); state = it.get_state(); ...; it.set_state(state)
 """
 
@@ -26,6 +27,7 @@ from data_pipeline.schema import RECORDS_PER_SCENE
 from data_pipeline.text_encoder import pad_text
 from data_pipeline.tfrecord import CorruptRecordError
 from recam_jax import storage
+from recam_jax.batch import rows_of_global_batches
 
 TIMESTEPS = 1000  # the trainer's timestep grid; eval examples index into it
 
@@ -67,24 +69,15 @@ def _where(reader: ShardReader, location: SceneLocation, offset: int) -> str:
     return f"{storage.join(reader.data_dir, reader.files[location.shard])} record {location.first_record + offset}"
 
 
-def process_slice(num_items: int, process_index: int, process_count: int) -> range:
-    """This process's contiguous, equal-sized share of `num_items` (the remainder is dropped)."""
-    per_process = num_items // process_count
-    if per_process == 0:
-        raise ValueError(f"{num_items} scenes cannot be split over {process_count} processes")
-    return range(process_index * per_process, (process_index + 1) * per_process)
-
-
-def open_split(data_dir: str, split: str, process_index: int, process_count: int) -> tuple[ShardReader, list[SceneLocation]]:
-    """This process's scenes of a split and a reader over only the shards that hold them."""
+def open_split(data_dir: str, split: str) -> tuple[ShardReader, list[SceneLocation]]:
+    """Every scene of a split and a reader over its shards (each opened on first read)."""
     manifest = shards.read_json(storage.join(data_dir, shards.MANIFEST))
     if manifest.get("format") != shards.FORMAT:
         raise ValueError(f"{data_dir}/{shards.MANIFEST}: format {manifest.get('format')!r}, expected {shards.FORMAT!r}")
-    all_scenes = [(entry["file"], k) for entry in manifest["splits"][split]["shards"] for k in range(entry["num_scenes"])]
-    mine = [all_scenes[i] for i in process_slice(len(all_scenes), process_index, process_count)]
-    files = sorted({name for name, _ in mine})
+    scenes = [(entry["file"], k) for entry in manifest["splits"][split]["shards"] for k in range(entry["num_scenes"])]
+    files = sorted({name for name, _ in scenes})
     reader = ShardReader(data_dir, files, shards.read_shapes(manifest))
-    return reader, [SceneLocation(files.index(name), k * RECORDS_PER_SCENE) for name, k in mine]
+    return reader, [SceneLocation(files.index(name), k * RECORDS_PER_SCENE) for name, k in scenes]
 
 
 class ExampleLoader:
@@ -141,10 +134,14 @@ def draw_pair(index: int, rng: np.random.Generator) -> dict:
     return {"scene": scene, "target": target + 1, "source": int(source)}
 
 
-def _batched(dataset: grain.MapDataset, batch_size: int, read_threads: int, worker_count: int) -> grain.DatasetIterator:
-    """Threaded reads, batches of stacked arrays, optional worker processes; a checkpointable iterator."""
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size))
-    iterable = iterable.batch(batch_size, drop_remainder=True)
+def _batched(elements: grain.MapDataset, global_batch_size: int, rows, loader: ExampleLoader, read_threads: int,
+             worker_count: int) -> grain.DatasetIterator:
+    """This process's rows of each global batch of `elements`, loaded with threaded reads (only those
+    rows are read) and stacked, optionally in worker processes; a checkpointable iterator."""
+    rows = np.arange(global_batch_size) if rows is None else rows
+    mine = rows_of_global_batches(elements, global_batch_size, rows).map(loader)
+    iterable = mine.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * len(rows)))
+    iterable = iterable.batch(len(rows), drop_remainder=True)
     if worker_count > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(iterable)
@@ -156,19 +153,19 @@ def make_train_iterator(
     batch_size: int,
     text_len: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows=None,
     worker_count: int = 0,
     read_threads: int = 4,
     skip_corrupt: bool = False,
     split: str = "train",
 ) -> grain.DatasetIterator:
-    """An endless, shuffled, checkpointable iterator of this process's training batches."""
-    reader, scenes = open_split(data_dir, split, process_index, process_count)
-    loader = ExampleLoader(reader, scenes, text_len, skip_corrupt)
-    dataset = grain.MapDataset.range(len(scenes) * NUM_CAMERAS).shuffle(seed=seed).repeat(None)
-    dataset = dataset.random_map(draw_pair, seed=seed).map(loader)
-    return _batched(dataset, batch_size, read_threads, worker_count)
+    """An endless, shuffled, checkpointable iterator of rows `rows` (default: all) of each global
+    training batch of `batch_size`."""
+    reader, scenes = open_split(data_dir, split)
+    pairs = grain.MapDataset.range(len(scenes) * NUM_CAMERAS).shuffle(seed=seed).repeat(None)
+    pairs = pairs.random_map(draw_pair, seed=seed)
+    return _batched(pairs, batch_size, rows, ExampleLoader(reader, scenes, text_len, skip_corrupt), read_threads,
+                    worker_count)
 
 
 def eval_examples(num_scenes: int, pairs_per_scene: int, seed: int) -> list[dict]:
@@ -188,22 +185,17 @@ def make_eval_iterator(
     *,
     batch_size: int,
     text_len: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows=None,
     pairs_per_scene: int = 2,
     seed: int = 0,
     read_threads: int = 4,
     split: str = "val",
 ) -> grain.DatasetIterator:
-    """One pass over fixed held-out examples (with `timestep_index`, `noise_seed`); full batches only."""
-    reader, scenes = open_split(data_dir, split, process_index, process_count)
-    first_scene = process_index * len(scenes)  # eval tuples are keyed by the global scene number
-    examples = [
-        {**example, "scene": example["scene"] - first_scene}
-        for example in eval_examples(first_scene + len(scenes), pairs_per_scene, seed)
-        if example["scene"] >= first_scene
-    ]
+    """One pass over fixed held-out examples (with `timestep_index`, `noise_seed`): rows `rows`
+    (default: all) of each complete global batch of `batch_size`."""
+    reader, scenes = open_split(data_dir, split)
+    examples = eval_examples(len(scenes), pairs_per_scene, seed)
     if len(examples) < batch_size:
-        raise ValueError(f"{len(examples)} eval examples on this process, fewer than batch_size={batch_size}")
-    dataset = grain.MapDataset.source(examples).map(ExampleLoader(reader, scenes, text_len, skip_corrupt=False))
-    return _batched(dataset, batch_size, read_threads, worker_count=0)
+        raise ValueError(f"{data_dir}: {len(examples)} {split} examples, fewer than one batch of {batch_size}")
+    return _batched(grain.MapDataset.source(examples), batch_size, rows,
+                    ExampleLoader(reader, scenes, text_len, skip_corrupt=False), read_threads, worker_count=0)

@@ -11,13 +11,16 @@ A batch is a dict of arrays, channels-last like every JAX model here:
 | `camera`         | (batch, frames, 12)                | float32 | target pose relative to the source's frame 0 |
 
 `frames`, `height`, `width` are latent sizes (81 video frames -> 21; 480x832 -> 60x104). Sources
-(synthetic, the grain loader) produce host numpy arrays of exactly this spec.
+(synthetic, the grain loader) produce host numpy arrays of exactly this spec: on each process, the
+rows of every global batch that its devices hold (`rows_of_global_batches`).
 """
 
 from __future__ import annotations
 
+import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CAMERA_DIM = 12  # a 3x4 camera-to-world matrix, flattened row-major
 
@@ -37,3 +40,24 @@ def batch_spec(
         "text_lengths": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
         "camera": jax.ShapeDtypeStruct((batch_size, frames, CAMERA_DIM), jnp.float32),
     }
+
+
+class _GlobalRow:
+    """Local element j -> the global element at row rows[j % n] of global batch j // n (picklable)."""
+
+    def __init__(self, elements: grain.MapDataset, global_batch_size: int, rows):
+        self.elements, self.global_batch_size, self.rows = elements, global_batch_size, np.asarray(rows)
+
+    def __call__(self, j: int):
+        batch, k = divmod(int(j), len(self.rows))
+        return self.elements[batch * self.global_batch_size + int(self.rows[k])]
+
+
+def rows_of_global_batches(elements: grain.MapDataset, global_batch_size: int, rows) -> grain.MapDataset:
+    """The elements one process loads: `rows` (sorted global row numbers) of each consecutive global
+    batch of `elements`, in order; complete global batches only. Batching the result by len(rows)
+    gives this process's part of every global batch, whatever the number of processes."""
+    if not 0 < len(rows) <= global_batch_size:
+        raise ValueError(f"{len(rows)} rows of a global batch of {global_batch_size}")
+    count = len(elements) // global_batch_size * len(rows)
+    return grain.MapDataset.range(count).map(_GlobalRow(elements, global_batch_size, rows))

@@ -5,7 +5,10 @@
 Compiles `train.compile_step` (the trainer's own step, shardings and donation) ahead of time for the
 devices of a TPU topology description (needs libtpu, no TPU: nothing is allocated), or for the local
 devices without `--topology`, and prints per-device memory against the chip's HBM, the analytic
-model FLOPs of a step with its step time at a given MFU, and the collectives in the compiled program.
+model FLOPs of a step with its step time at a given MFU, the collectives in the compiled program, and
+the host map: each host's devices and the global batch rows it must load under the mesh. A layout the
+loader cannot feed (a device's share of the batch not whole rows) is refused before compiling.
+With `mesh.num_slices` > 1 it compiles for that many slices of the topology joined over DCN.
 
 Topologies: Cloud names `v5p-N` and `v4-N` count TensorCores (two per chip: v5p-8 = 4 chips),
 `v5e-N` and `v6e-N` count chips; they map to libtpu's `generation:AxBxC` names (`TOPOLOGIES`),
@@ -72,14 +75,17 @@ class Plan:
     peak_tflops_per_device: float
     train_flops: float  # analytic model FLOPs of one step, all devices together
     collectives: dict[str, int]  # static count of each collective in the HLO (loop bodies once)
+    host_devices: dict[int, list[int]]  # process index → ids of its devices
+    host_rows: dict[int, list[int]]  # process index → the global batch rows it loads
 
     def step_seconds(self, mfu: float) -> float:
         """Step time if the devices ran the model FLOPs at this fraction of their peak."""
         return self.train_flops / (self.devices * self.peak_tflops_per_device * 1e12 * mfu)
 
 
-def topology_devices(name: str):
-    """The devices of a TPU topology description, from a Cloud name (v5p-8) or a libtpu one (v5p:2x2x1)."""
+def topology_devices(name: str, num_slices: int = 1):
+    """The devices of a TPU topology description, from a Cloud name (v5p-8) or a libtpu one (v5p:2x2x1),
+    `num_slices` slices of it joined over DCN."""
     from jax.experimental import topologies
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling takes no chip, nor libtpu's lock
     libtpu_name = TOPOLOGIES.get(name, name)
@@ -88,8 +94,8 @@ def topology_devices(name: str):
     # libtpu assumes hosts of 2x2x1 chips; a smaller slice (v5e-1) is its own host.
     dims = [int(d) for d in libtpu_name.split(":")[1].split("x")] + [1]
     host_bounds = [min(dim, default) for dim, default in zip(dims, (2, 2, 1))]
-    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name,
-                                        chips_per_host_bounds=host_bounds).devices
+    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name, chips_per_host_bounds=host_bounds,
+                                        num_slices=num_slices).devices
 
 
 def device_chip(devices) -> tuple[Chip | None, int]:
@@ -129,8 +135,10 @@ def plan(config, devices=None) -> Plan:
     """Compiles the config's train step for `devices` (default: the local ones) and sizes it up."""
     devices = jax.devices() if devices is None else list(devices)
     train.check_config(config)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
+    mesh = train.make_mesh(config, devices)
+    rules = sharding.rules_for(config.sharding_rules)
+    host_devices, host_rows = host_map(config, mesh)  # refuses a layout the loader cannot feed, before compiling
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         compiled = train.compile_step(config, mesh)[0]
     chip, devices_per_chip = device_chip(devices)
     if chip is None:
@@ -142,7 +150,20 @@ def plan(config, devices=None) -> Plan:
         memory_bytes=memory_bytes(compiled), device_memory_bytes=device_memory, peak_tflops_per_device=peak,
         train_flops=flops.train_step_flops(train.model_config(config), config.data.latent_shape,
                                            config.data.text_len, config.trainable, config.data.batch_size),
-        collectives=count_collectives(compiled.as_text()))
+        collectives=count_collectives(compiled.as_text()), host_devices=host_devices, host_rows=host_rows)
+
+
+def host_map(config, mesh) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Each host's device ids and the global batch rows it loads (`train.batch_rows`) on this mesh.
+
+    Raises sharding.BatchLayoutError for a layout the loader cannot feed.
+    """
+    data_sharding = sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules))
+    host_rows = {host: rows.tolist() for host, rows in train.batch_rows(config, data_sharding).items()}
+    host_devices = collections.defaultdict(list)
+    for device in sorted(mesh.devices.flat, key=lambda d: d.id):
+        host_devices[device.process_index].append(device.id)
+    return dict(sorted(host_devices.items())), host_rows
 
 
 def report(p: Plan, mfus=(1.0, 0.5)) -> str:
@@ -158,7 +179,22 @@ def report(p: Plan, mfus=(1.0, 0.5)) -> str:
     lines += [f"| {mfu:.0%} | {p.step_seconds(mfu):.3g} |" for mfu in mfus]
     lines += ["", "| collective | count in HLO |", "|---|---|"]
     lines += [f"| {kind} | {n} |" for kind, n in p.collectives.items()]
+    lines += ["", f"host map: {len(p.host_devices)} hosts; each loads the batch rows its devices hold", "",
+              "| host | devices | batch rows to load |", "|---|---|---|"]
+    lines += [f"| {host} | {', '.join(map(str, ids))} | {row_ranges(p.host_rows[host])} ({len(p.host_rows[host])}) |"
+              for host, ids in p.host_devices.items()]
     return "\n".join(lines)
+
+
+def row_ranges(rows: list[int]) -> str:
+    """[0, 1, 2, 5] → '0-2, 5'."""
+    runs = []
+    for row in rows:
+        if runs and row == runs[-1][1] + 1:
+            runs[-1][1] = row
+        else:
+            runs.append([row, row])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 # --config and its --config.key=value overrides are the trainer's flag (defined by importing train).
@@ -173,9 +209,11 @@ def main(argv) -> None:
     config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("--config is required")
-    devices = topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
+    devices = topology_devices(_TOPOLOGY.value, config.mesh.num_slices) if _TOPOLOGY.value else None
     try:
         print(report(plan(config, devices)), flush=True)
+    except sharding.BatchLayoutError as error:
+        sys.exit(f"the loader cannot feed this layout: {error}")
     except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program over HBM
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

@@ -10,6 +10,7 @@ is replicated.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -51,6 +52,10 @@ RULE_SETS: dict[str, LogicalRules] = {
     "replicated": (("embed", None), ("heads", None), ("mlp", None)),
     # Megatron-style tensor parallelism without fsdp parameter sharding.
     "tensor_only": (("embed", None),),
+    # Parameters and Adam moments sharded over context too (as MaxDiffusion does): the context axis
+    # splits only activations otherwise, so each context group would hold a whole fsdp shard. Saves
+    # memory whenever context > 1, for one more (context-wide) all-gather per layer.
+    "fsdp_context": (("embed", ("fsdp", "context")),),
 }
 
 
@@ -112,16 +117,16 @@ def _fill_sizes(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 def make_mesh(sizes: Mapping[str, int], dcn_sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """The (data, fsdp, context, tensor) mesh with Auto axes; `sizes` are per slice when `dcn_sizes` is given.
 
-    Multi-slice: the mesh is the product of ICI `sizes` within a slice and `dcn_sizes` across slices,
-    so collectives of an axis with DCN size 1 never leave a slice.
+    Multi-slice: the mesh is the product of ICI `sizes` within a slice and `dcn_sizes` across slices
+    (one −1 fills the number of slices), so collectives of an axis with DCN size 1 never leave a
+    slice. Along an axis with both, the slice is the outer index: a group of that axis spans slices.
     """
     devices = jax.devices() if devices is None else devices
     if dcn_sizes:
-        dcn_shape = _fill_sizes(dcn_sizes, math.prod(dcn_sizes.values()))
+        dcn_shape = _fill_sizes(dcn_sizes, num_granules(devices))
         ici_shape = _fill_sizes(sizes, len(devices) // math.prod(dcn_shape))
-        # TPU slices are the DCN granules; elsewhere (GPU nodes) each process is one.
         grid = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+            ici_shape, dcn_shape, devices, process_is_granule=devices[0].platform != "tpu")
     else:
         grid = mesh_utils.create_device_mesh(_fill_sizes(sizes, len(devices)), devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -135,6 +140,14 @@ def jax_detects_cluster() -> bool:
 
     return any(cluster.is_env_present() for cluster in clusters.ClusterEnv._cluster_types
                if not cluster.opt_in_only_method)
+
+
+def num_granules(devices) -> int:
+    """How many DCN granules hold these devices: TPU slices; elsewhere (CPU, GPU nodes) processes
+    (multi-process CPU devices also carry a slice_index, always 0)."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices})
+    return len({d.process_index for d in devices})
 
 
 def maybe_initialize_distributed(initialize: Callable[..., None] = jax.distributed.initialize,
@@ -217,7 +230,42 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedShar
         return NamedSharding(mesh, logical_to_spec(("act_batch",)))
 
 
-def global_batch(local_batch, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-    """Assembles this host's numpy slice of the batch (a pytree) into global, batch-sharded arrays."""
-    sharding = batch_sharding(mesh, rules)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+class BatchLayoutError(ValueError):
+    """A mesh and batch size under which some device's share of the batch is not whole rows."""
+
+
+def process_rows(data_sharding: NamedSharding, batch_size: int) -> dict[int, np.ndarray]:
+    """The global batch rows each process must load: the union of the rows its devices hold.
+
+    Devices that differ only along axes the batch is not sharded over (context, tensor, or any axis
+    of a replicated batch) hold the same rows, so processes sharing such a group load the same rows
+    and processes in different data-parallel groups disjoint ones. The loader feeds any layout in
+    which every device holds whole rows; others raise BatchLayoutError.
+    """
+    spec = data_sharding.spec[0] if data_sharding.spec else None
+    batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    shards = math.prod(data_sharding.mesh.shape[axis] for axis in batch_axes)
+    if batch_size % shards:
+        raise BatchLayoutError(
+            f"data.batch_size={batch_size} cannot be fed: the batch is split over mesh axes {batch_axes} "
+            f"({shards} shards), so each device would hold {batch_size / shards:g} rows; use a multiple of {shards}")
+    rows = collections.defaultdict(set)
+    for device, index in data_sharding.devices_indices_map((batch_size,)).items():
+        rows[device.process_index].update(range(batch_size)[index[0]])
+    return {process: np.array(sorted(r)) for process, r in sorted(rows.items())}
+
+
+def global_batch(local_batch, data_sharding: NamedSharding, rows: np.ndarray, batch_size: int):
+    """Global arrays from this process's numpy batch (a pytree) holding global rows `rows`, in order.
+
+    Each addressable device gets its rows from the local batch (`process_rows` says which rows a
+    process loads), so processes sharing rows must pass identical values for them.
+    """
+    position = {int(row): i for i, row in enumerate(rows)}
+
+    def assemble(x):
+        x = np.asarray(x)
+        shard = lambda index: x[[position[row] for row in range(batch_size)[index[0]]]][(slice(None), *index[1:])]
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), data_sharding, shard)
+
+    return jax.tree.map(assemble, local_batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from recam_jax.batch import CAMERA_DIM
+from recam_jax.batch import CAMERA_DIM, rows_of_global_batches
 
 
 class SyntheticExample:
@@ -56,14 +56,14 @@ def synthetic_dataset(
     text_dim: int,
     seed: int,
     for_eval: bool = False,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows=None,
 ) -> grain.IterDataset:
-    """This host's batches: endless and reshuffled every epoch for training; for evaluation one pass
-    over held-out examples (another seed) with fixed timesteps and noise seeds.
+    """Rows `rows` (default: all) of each global batch of `batch_size`: endless and reshuffled every
+    epoch for training; for evaluation one pass over held-out examples (another seed) with fixed
+    timesteps and noise seeds.
 
-    Every process walks the same global order and builds only its own rows of each global batch, so
-    a global batch holds the same examples whatever the number of processes (runs reproduce across
+    Every process walks the same global order and builds only its rows of each global batch, so a
+    global batch holds the same examples whatever the number of processes (runs reproduce across
     topologies).
     """
     order = grain.MapDataset.range(num_examples)
@@ -75,9 +75,9 @@ def synthetic_dataset(
     else:
         example = SyntheticExample(seed, tuple(latent_shape), text_len, text_dim)
         order, make = order.shuffle(seed=seed).repeat(None), example
-    mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
-    global_batches = order.batch(batch_size * process_count, drop_remainder=True)
-    return global_batches.map(lambda indices: _stack([make(int(i)) for i in indices[mine]])).to_iter_dataset()
+    rows = np.arange(batch_size) if rows is None else rows
+    mine = rows_of_global_batches(order, batch_size, rows).map(lambda index: make(int(index)))
+    return mine.batch(len(rows), drop_remainder=True, batch_fn=_stack).to_iter_dataset()
 
 
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:

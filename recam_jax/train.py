@@ -113,8 +113,17 @@ def check_micro_batches(config, data_sharding: NamedSharding) -> None:
 # --- mesh and shardings ---------------------------------------------------------------------------
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-    return sharding.make_mesh(config.mesh.to_dict())
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """The config's mesh over `devices` (default: all), across `mesh.num_slices` slices by the dcn_ sizes."""
+    devices = jax.devices() if devices is None else devices
+    m = config.mesh
+    ici = {axis: m[axis] for axis in sharding.MESH_AXES}
+    if m.num_slices == 1:
+        return sharding.make_mesh(ici, devices=devices)
+    if sharding.num_granules(devices) != m.num_slices:
+        raise ValueError(f"mesh.num_slices={m.num_slices} but the devices are in {sharding.num_granules(devices)} "
+                         "slices (TPU slices; on CPU/GPU, processes)")
+    return sharding.make_mesh(ici, dcn_sizes={axis: m[f"dcn_{axis}"] for axis in sharding.MESH_AXES}, devices=devices)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, config):
@@ -237,27 +246,35 @@ def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg, use_ema: bo
 # --- data -----------------------------------------------------------------------------------------
 
 
-def make_data_iterator(config, *, split: str = "train"):
-    """This host's checkpointable iterator of batches: endless for "train", one pass for "eval"."""
-    local_batch = config.data.batch_size // jax.process_count()
-    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+def batch_rows(config, data_sharding: NamedSharding) -> dict[int, np.ndarray]:
+    """The global batch rows each process loads: those its devices hold under the batch sharding."""
+    return sharding.process_rows(data_sharding, config.data.batch_size)
+
+
+def make_data_iterator(config, data_sharding: NamedSharding, *, split: str = "train"):
+    """This host's checkpointable iterator of its rows of the global batches (`batch_rows`): endless
+    for "train", one pass for "eval". The global batches do not depend on the number of processes."""
+    rows = batch_rows(config, data_sharding)[jax.process_index()]
     if config.data.source == "synthetic":
         return iter(synthetic_dataset(
-            num_examples=config.data.synthetic_examples, batch_size=local_batch,
+            num_examples=config.data.synthetic_examples, batch_size=config.data.batch_size, rows=rows,
             latent_shape=tuple(config.data.latent_shape), text_len=config.data.text_len,
-            text_dim=config.data.text_dim, seed=config.seed, for_eval=split == "eval", **hosts))
+            text_dim=config.data.text_dim, seed=config.seed, for_eval=split == "eval"))
     if config.data.source == "tfrecord":
         if split == "eval":
-            return loader.make_eval_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
-                                             pairs_per_scene=config.data.eval_pairs_per_scene, **hosts)
-        return loader.make_train_iterator(config.data.path, batch_size=local_batch, text_len=config.data.text_len,
-                                          seed=config.seed, worker_count=config.data.worker_count, **hosts)
+            return loader.make_eval_iterator(config.data.path, batch_size=config.data.batch_size, rows=rows,
+                                             text_len=config.data.text_len,
+                                             pairs_per_scene=config.data.eval_pairs_per_scene)
+        return loader.make_train_iterator(config.data.path, batch_size=config.data.batch_size, rows=rows,
+                                          text_len=config.data.text_len, seed=config.seed,
+                                          worker_count=config.data.worker_count)
     raise ValueError(f"data.source={config.data.source!r} is not 'synthetic' or 'tfrecord'")
 
 
-def to_global(batch: dict, data_sharding: NamedSharding) -> dict:
-    """Assembles each host's numpy batch into one global array per key."""
-    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v)) for k, v in batch.items()}
+def to_global(batch: dict, data_sharding: NamedSharding, config) -> dict:
+    """Assembles this host's rows (`make_data_iterator`) into one global array per key."""
+    rows = batch_rows(config, data_sharding)[jax.process_index()]
+    return sharding.global_batch(batch, data_sharding, rows, config.data.batch_size)
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -378,7 +395,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     started = time.perf_counter()
     writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
     write_config(config, workdir)
-    data_iterator = make_data_iterator(config)
+    data_iterator = make_data_iterator(config, sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules)))
 
     # Abstract state first; real arrays are only ever created on their shardings.
     cfg = model_config(config)
@@ -408,7 +425,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
     breakdown = None  # the loss by task and σ bucket, summed on the device since the last log
     for step in range(start_step + 1, config.steps + 1):
-        batch = to_global(next(data_iterator), data_sharding)
+        batch = to_global(next(data_iterator), data_sharding, config)
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
             breakdown = metrics["breakdown"] if breakdown is None else add(breakdown, metrics["breakdown"])
@@ -477,8 +494,8 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
 def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
     """Each eval function's mean loss over one pass of the fixed held-out examples, by its name."""
     losses = {name: [] for name in eval_fns}
-    for batch in make_data_iterator(config, split="eval"):
-        batch = to_global(batch, data_sharding)
+    for batch in make_data_iterator(config, data_sharding, split="eval"):
+        batch = to_global(batch, data_sharding, config)
         for name, eval_fn in eval_fns.items():
             losses[name].append(eval_fn(state, batch))
     return {name: float(np.mean(jax.device_get(values))) for name, values in losses.items()}

@@ -1,4 +1,4 @@
-"""The grain loader: the batch spec, determinism, exact resume, per-host slices, corruption, eval."""
+"""The grain loader: the batch spec, determinism, exact resume, per-host rows, corruption, eval."""
 
 import os
 import shutil
@@ -46,7 +46,7 @@ def test_batches_match_the_batch_spec(data_dir):
 
 
 def test_example_holds_its_records_exactly(data_dir):
-    reader, scenes = loader.open_split(data_dir, "train", 0, 1)
+    reader, scenes = loader.open_split(data_dir, "train")
     example = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False).load(scene=4, target=3, source=8)
     first = scenes[4].first_record
     text = schema.parse_scene(reader.read(scenes[4].shard, first), reader.shapes, "")
@@ -87,21 +87,13 @@ def test_each_epoch_sees_every_target_video_once(data_dir):
     assert len({latents.tobytes() for latents in epoch}) == TRAIN_SCENES * 10
 
 
-@pytest.mark.parametrize("process_count", [2, 3])
-def test_processes_read_disjoint_slices_that_cover_the_split_from_their_own_shards(data_dir, process_count):
-    seen = []
-    for index in range(process_count):
-        reader, scenes = loader.open_split(data_dir, "train", index, process_count)
-        example_loader = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False)
-        for scene in range(len(scenes)):
-            example_loader.load(scene, 1, 2)
-        names = [schema.parse_scene(reader.read(s.shard, s.first_record), reader.shapes, "")["scene"] for s in scenes]
-        seen.append(names)
-        holding = {n["file"] for n in shards.read_json(os.path.join(data_dir, shards.MANIFEST))["splits"]["train"]["shards"]
-                   if set(shards.read_json(shards.index_path(data_dir, n["file"]))["scenes"]) & set(names)}  # fmt: skip
-        assert set(reader.opened_files()) == holding
-    flat = [name for names in seen for name in names]
-    assert len(flat) == len(set(flat)) == TRAIN_SCENES
+@pytest.mark.parametrize("host_rows", [([0, 1], [2, 3]), ([1, 3], [0, 2]), ([0, 1, 2, 3], [0, 1, 2, 3])],
+                         ids=["halves", "interleaved", "replicated"])
+def test_each_host_reads_its_rows_of_the_single_host_global_batches(data_dir, host_rows):
+    make = lambda rows: loader.make_train_iterator(data_dir, batch_size=4, text_len=TEXT_LEN, seed=2, rows=rows)
+    single = _take(make(None), 4)
+    for rows in host_rows:
+        _assert_same(_take(make(rows), 4), [{k: v[rows] for k, v in batch.items()} for batch in single])
 
 
 @pytest.fixture()
@@ -125,7 +117,7 @@ def test_corrupt_record_error_names_shard_and_record(corrupt_dir):
 
 
 def test_corrupt_records_can_be_skipped_and_are_never_fed(corrupt_dir):
-    reader, scenes = loader.open_split(corrupt_dir, "train", 0, 1)
+    reader, scenes = loader.open_split(corrupt_dir, "train")
     example_loader = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=True)
     results = [example_loader({"scene": 0, "target": t, "source": 1 + t % 10}) for t in range(1, 11)]
     assert sum(r is None for r in results) == example_loader.skipped == 2  # camera 5 as target and as source
@@ -145,13 +137,14 @@ def test_record_disagreeing_with_the_manifest_is_rejected(data_dir, tmp_path):
 
 
 def test_eval_examples_are_fixed_and_do_not_depend_on_the_process_count(data_dir):
-    make = lambda index, count: list(loader.make_eval_iterator(data_dir, batch_size=1, text_len=TEXT_LEN, process_index=index, process_count=count))
-    single = make(0, 1)
-    _assert_same(single, make(0, 1))
-    _assert_same(single, make(0, 2) + make(1, 2))
-    assert len(single) == 2 * 2  # 2 held-out scenes x 2 pairs
-    assert all(0 <= b["timestep_index"][0] < loader.TIMESTEPS for b in single)
-    assert len({int(b["noise_seed"][0]) for b in single}) == len(single)
+    make = lambda rows: list(loader.make_eval_iterator(data_dir, batch_size=2, text_len=TEXT_LEN, rows=rows))
+    single = make(None)
+    _assert_same(single, make(None))
+    for rows in ([0], [1]):
+        _assert_same(make(rows), [{k: v[rows] for k, v in batch.items()} for batch in single])
+    assert len(single) == 2 and len(single[0]["noise_seed"]) == 2  # 2 held-out scenes x 2 pairs
+    assert all(0 <= t < loader.TIMESTEPS for b in single for t in b["timestep_index"])
+    assert len({int(seed) for b in single for seed in b["noise_seed"]}) == 4
 
 
 def test_worker_processes_give_the_same_batches_and_resume(data_dir):

@@ -1,5 +1,6 @@
 """A real multi-host job on one machine: two trainer processes of 4 CPU devices each, joined by
-jax.distributed (gloo collectives), training one model sharded over all 8 devices."""
+jax.distributed (gloo collectives), training one model sharded over all 8 devices; and the same job
+on meshes whose context groups span both processes, so both must feed the same batch rows."""
 
 import os
 import re
@@ -61,10 +62,10 @@ def launch_two_processes(workdir, steps: int, timeout: float = 300, **trainer) -
     return wait_for_success(start_two_processes(workdir, steps, **trainer), timeout)
 
 
-def launch_one_process(workdir, steps: int) -> str:
+def launch_one_process(workdir, steps: int, overrides: dict = OVERRIDES) -> str:
     """The same job as one process owning all 8 devices."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    return wait_for_success([start_trainer(workdir, steps, env)])[0]
+    return wait_for_success([start_trainer(workdir, steps, env, overrides=overrides)])[0]
 
 
 def loss_lines(output: str) -> list[str]:
@@ -128,3 +129,34 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step_and_exit(tmp_pa
     assert saved[0] == saved[1] >= 3
     manager = checkpoint.make_manager(str(tmp_path), every=2, keep_last=3, keep_every=0)
     assert manager.latest_step() == saved[0]
+
+
+# Meshes on which context groups span the two processes: (two-process overrides, one-process mesh).
+# With num_slices=2 each process is a DCN granule (`sharding.make_mesh`), and the granule is the outer
+# index of an axis, so `dcn_context=2` puts half of every context group on each process.
+CONTEXT_ACROSS_PROCESSES = {
+    "context8": ({"mesh.context": 8}, {"mesh.context": 8}),
+    "data2_context4_split": ({"mesh.data": 2, "mesh.context": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
+                              "mesh.dcn_context": 2}, {"mesh.data": 2, "mesh.context": 4}),
+    "fsdp2_context2_tensor2": ({"mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
+                                "mesh.dcn_context": 2}, {"mesh.fsdp": 2, "mesh.context": 2, "mesh.tensor": 2}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", CONTEXT_ACROSS_PROCESSES)
+def test_context_groups_across_processes_train_like_one_process(tmp_path, mesh):
+    two_process_mesh, one_process_mesh = CONTEXT_ACROSS_PROCESSES[mesh]
+    base = {"checkpoint_every": 100, "log_every": 1, "eval_every": 2, "mesh.data": 1, "mesh.fsdp": 1,
+            "max_unsharded_fraction": 1.0}
+    launch_two_processes(tmp_path / "two", steps=2, overrides={**base, **two_process_mesh})
+    launch_one_process(tmp_path / "one", steps=2, overrides={**base, **one_process_mesh})
+    for key in ("loss", "grad_norm", "eval_loss"):
+        two, one = ([r[key] for r in read_metrics(tmp_path / run) if key in r] for run in ("two", "one"))
+        assert len(two) == (2 if key != "eval_loss" else 1)
+        np.testing.assert_allclose(two, one, rtol=1e-5, err_msg=key)
+    config = train.model_config(tiny_config())
+    two, one = (convert.load_pytorch(str(tmp_path / run / "exports" / "recammaster_step2.ckpt"), config)
+                for run in ("two", "one"))
+    for got, want in zip(jax.tree.leaves(nnx.state(two)), jax.tree.leaves(nnx.state(one)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -61,6 +61,12 @@ def test_make_mesh_with_dcn_sizes_is_per_slice_times_slices():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 2, "tensor": 1}
 
 
+def test_process_rows_refuses_a_batch_that_is_not_whole_rows_per_device():
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2}))
+    with pytest.raises(sharding.BatchLayoutError, match=r"batch_size=6 .*\('data', 'fsdp'\) \(4 shards\)"):
+        sharding.process_rows(batch_sharding, 6)
+
+
 def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
     devices = tpu_topology("v5p:2x2x1", num_slices=2).devices
     mesh = sharding.make_mesh({"fsdp": -1}, dcn_sizes={"data": 2}, devices=devices)
@@ -174,7 +180,10 @@ def test_optimizer_state_is_sharded_like_its_parameters():
 def test_global_batch_shards_the_leading_axis_over_data_and_fsdp():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2})
     local = {"latents": np.arange(4 * 3, dtype=np.float32).reshape(4, 3), "t": np.arange(4.0)}
-    batch = sharding.global_batch(local, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    rows = sharding.process_rows(batch_sharding, 4)
+    np.testing.assert_array_equal(rows[0], np.arange(4))  # one process loads every row
+    batch = sharding.global_batch(local, batch_sharding, rows[0], 4)
     assert batch["latents"].sharding.spec == PartitionSpec(("data", "fsdp"))
     np.testing.assert_array_equal(batch["latents"], local["latents"])
     assert len(batch["t"].addressable_shards) == 8  # each of 4 batch shards on both context devices
@@ -221,7 +230,9 @@ def run_on_mesh(attention, sizes, inputs):
         shardings = sharding.param_shardings(state, mesh)
         state = jax.device_put(state, shardings)
         step = jax.jit(loss_and_grads, static_argnums=0, out_shardings=(None, shardings, None))
-        return step(graphdef, state, sharding.global_batch(inputs, mesh))
+        batch_sharding = sharding.batch_sharding(mesh)
+        rows = np.arange(len(inputs[0]))
+        return step(graphdef, state, sharding.global_batch(inputs, batch_sharding, rows, len(rows)))
 
 
 def relative_error(a, b):

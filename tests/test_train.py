@@ -38,7 +38,7 @@ def test_overfits_one_fixed_batch():
     graphdef = train.split_model(model, config.trainable)[0]
     state = train.new_state(model, config, tx)
     step_fn, _, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
-    batch = train.to_global(next(train.make_data_iterator(config)), data_sharding)
+    batch = train.to_global(next(train.make_data_iterator(config, data_sharding)), data_sharding, config)
     losses = []
     for _ in range(80):
         # Holding the step counter (which seeds noise and timesteps) at 0 fixes the whole input.
@@ -77,7 +77,7 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     shardings = train.state_shardings(abstract, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     manager = checkpoint.make_manager(str(tmp_path), every=4, keep_last=1, keep_every=0)
-    data_iterator = train.make_data_iterator(config)
+    data_iterator = train.make_data_iterator(config, sharding.batch_sharding(mesh))
     restored = checkpoint.restore_latest(manager, target, data_iterator)
     for got, want, want_sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(shardings)):
         assert got.sharding == want_sharding
@@ -87,7 +87,7 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     assert len(q_kernel.addressable_shards) == 8 and q_kernel.addressable_shards[0].data.shape == (2, 8, 64)
     assert leaves_equal(restored.opt_state, saved.opt_state) and leaves_equal(restored.ema, saved.ema)
     # The data iterator resumes after the 4 batches already consumed.
-    fresh = train.make_data_iterator(config)
+    fresh = train.make_data_iterator(config, sharding.batch_sharding(mesh))
     for _ in range(4):
         next(fresh)
     assert leaves_equal(next(data_iterator), next(fresh))
@@ -286,12 +286,13 @@ def test_grad_accumulation_equals_the_full_batch_step():
     model = WanDiT(train.model_config(config), rngs=nnx.Rngs(0))
     graphdef = train.split_model(model, config.trainable)[0]
     state = train.new_state(model, config, tx)
-    batch = next(train.make_data_iterator(config))
+    mesh = train.make_mesh(config)
+    batch = next(train.make_data_iterator(config, sharding.batch_sharding(mesh)))
     results = []
     for accum in (1, 4):
         config.optimizer.grad_accum_steps = accum
-        step_fn, _, sharding = train.build_step(config, train.make_mesh(config), graphdef, jax.eval_shape(lambda: state))
-        results.append(step_fn(jax.tree.map(jnp.copy, state), train.to_global(batch, sharding)))
+        step_fn, _, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
+        results.append(step_fn(jax.tree.map(jnp.copy, state), train.to_global(batch, data_sharding, config)))
     (full_state, full), (accum_state, accum) = results
     np.testing.assert_allclose(accum["loss"], full["loss"], rtol=1e-5)
     np.testing.assert_allclose(accum["grad_norm"], full["grad_norm"], rtol=1e-5)

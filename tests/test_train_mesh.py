@@ -22,14 +22,14 @@ TOLERANCE = 1e-5  # relative L2 error per parameter, float32
 
 def run_steps(config, devices):
     """Per-step losses and the final train state of STEPS trainer steps on a mesh over `devices`."""
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+    mesh = train.make_mesh(config, devices)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
         step_fn, _, _, shardings, data_sharding = train.compile_step(config, mesh)
         state = jax.device_put(train.init_fn(config)(), shardings)
-        batches = train.make_data_iterator(config)
+        batches = train.make_data_iterator(config, data_sharding)
         losses = []
         for _ in range(STEPS):
-            state, metrics = step_fn(state, train.to_global(next(batches), data_sharding))
+            state, metrics = step_fn(state, train.to_global(next(batches), data_sharding, config))
             losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state)
 
