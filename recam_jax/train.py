@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from data_pipeline import loader
 from recam_jax import checkpoint, convert, flops, flow, optim, sharding
+from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
 from recam_jax.models.dit import WanDiT, dit_config
@@ -171,12 +172,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
     return new_state, metrics
 
 
-def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg) -> jax.Array:
-    """Validation loss at each example's fixed timestep and noise seed: comparable across runs."""
-    model = model_from_state(graphdef, state)
-    keys = jax.vmap(jax.random.key)(batch["noise_seed"])
-    grid = jnp.asarray(flow.shifted_sigmas(flow.NUM_TRAIN_TIMESTEPS, flow_cfg.shift), jnp.float32)
-    return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[0]
+def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg) -> dict:
+    """Validation loss at fixed noise, with the true and with shuffled cameras (`evaluate.camera_sensitivity`)."""
+    return evaluate_lib.camera_sensitivity(model_from_state(graphdef, state), batch, flow_cfg)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -335,7 +333,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
             last_log = step
             writer.write(step, _scalars(metrics, seconds, config, train_flops, tokens_per_example))
         if config.eval_every and step % config.eval_every == 0:
-            writer.write(step, {"eval_loss": evaluate(config, eval_fn, state, data_sharding)})
+            writer.write(step, evaluate(config, eval_fn, state, data_sharding))
         stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
         checkpoint.save(manager, step, state, data_iterator, force=stop)
         if config.export_every and step % config.export_every == 0:
@@ -361,10 +359,10 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
     return jax.jit(around, out_shardings=shardings)(trainable, frozen)
 
 
-def evaluate(config, eval_fn, state, data_sharding) -> float:
-    """Mean loss over one pass of the fixed held-out examples."""
-    losses = [eval_fn(state, to_global(batch, data_sharding)) for batch in make_data_iterator(config, split="eval")]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(config, eval_fn, state, data_sharding) -> dict[str, float]:
+    """Mean eval metrics over one pass of the fixed held-out examples."""
+    return evaluate_lib.mean_metrics(
+        [eval_fn(state, to_global(batch, data_sharding)) for batch in make_data_iterator(config, split="eval")])
 
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:
