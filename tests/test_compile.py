@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from recam_jax import compile as planner
+from recam_jax import flops, train
 from tests.conftest import REPO
 from tests.test_attention import tpu_topology
 from tests.conftest import tiny_config
@@ -95,3 +96,12 @@ def test_cli_says_when_the_step_does_not_fit_a_chip():
                      "--config.data.latent_shape=(8,64,64,16)")
     assert result.returncode != 0
     assert "does not fit: RESOURCE_EXHAUSTED" in result.stderr and "HBM" in result.stderr, result.stderr[-2000:]
+
+
+def test_sample_plan_compiles_one_denoising_step_and_the_vae_decode():
+    """Two forward passes (both guidance branches) per video, one video per data-parallel group."""
+    config = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 1})
+    text = planner.plan_sample(config, jax.devices()[:2])
+    forward = flops.forward_flops(train.model_config(config), config.data.latent_shape, config.data.text_len)
+    assert "2 × latents" in text and f"model FLOPs per step: {2 * 2 * forward:.4g}" in text, text
+    assert text.count("| total |") == 2 and "## VAE decode" in text
