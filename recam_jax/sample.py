@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_encoder_dir", required=True)
     parser.add_argument("--vae", default="wan2.1", help="VAE config: wan2.1 (needs --vae_path) or demo")
     parser.add_argument("--vae_path", default=None)
-    parser.add_argument("--vae_tile", default="", help="decode in overlapping spatial tiles of H,W latent pixels "
-                                                       "(e.g. 32,32; tiles overlap by 8): bounded memory at high resolution")
+    parser.add_argument("--vae_tile", default="", help="decode in overlapping spatial tiles of H,W latent pixels (e.g. "
+                                                       "32,32; tiles overlap by 8): bounded memory at high resolution")
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
@@ -239,8 +239,8 @@ def jobs_of(args) -> list[dict]:
         if not args.out_dir:
             raise ValueError("--batch needs --out_dir")
         rows = read_batch(args.batch)
-        return [{**row, "camera": int(row.get("camera") or 1),
-                 "out": os.path.join(args.out_dir, f"{i:03d}_{os.path.splitext(os.path.basename(row['video']))[0]}.mp4")}
+        name = lambda i, row: f"{i:03d}_{os.path.splitext(os.path.basename(row['video']))[0]}.mp4"
+        return [{**row, "camera": int(row.get("camera") or 1), "out": os.path.join(args.out_dir, name(i, row))}
                 for i, row in enumerate(rows)]
     missing = [f"--{name}" for name in ("video", "caption", "trajectory", "out") if getattr(args, name) is None]
     if missing:

@@ -55,7 +55,8 @@ def demo_scene(tmp_path):
     params = str(tmp_path / "tiny.ckpt")
     convert.save_pytorch(WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0)), params)
     flags = ["--params", params, "--num_heads", "4", "--text_encoder_dir", os.path.join(root, "umt5"),
-             "--vae", "demo", "--num_frames", "9", "--height", "32", "--width", "32", "--text_len", "16", "--steps", "3"]
+             "--vae", "demo", "--num_frames", "9", "--height", "32", "--width", "32", "--text_len", "16",
+             "--steps", "3"]
     return os.path.join(root, "train", "f18_aperture10", "scene1"), flags
 
 
