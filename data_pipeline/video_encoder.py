@@ -35,13 +35,17 @@ class VideoVAE:
         self._vae = vae
         self._encode = nnx.jit(lambda model, video: model.encode(video))
         self._decode = nnx.jit(lambda model, latents: model.decode(latents))
+        self._decode_tiled = nnx.jit(lambda model, latents, tile: model.decode_tiled(latents, tile), static_argnums=2)
 
     def __call__(self, video: np.ndarray) -> np.ndarray:
         return np.asarray(self._encode(self._vae, jnp.asarray(video, jnp.float32)))
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Video (N, F, H, W, 3) in [-1, 1] from normalised latents."""
-        return np.asarray(self._decode(self._vae, jnp.asarray(latents, jnp.float32)))
+    def decode(self, latents: np.ndarray, tile: tuple[int, int] | None = None) -> np.ndarray:
+        """Video (N, F, H, W, 3) in [-1, 1] from normalised latents; with `tile` (height, width in
+        latent pixels) in overlapping spatial tiles (`WanVAE.decode_tiled`): bounded memory at high resolution."""
+        latents = jnp.asarray(latents, jnp.float32)
+        return np.asarray(self._decode(self._vae, latents) if tile is None else
+                          self._decode_tiled(self._vae, latents, tuple(tile)))
 
 
 def make_video_encoder(name: str, vae_path: str | None = None, dtype: str = "float32") -> VideoVAE:

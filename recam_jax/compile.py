@@ -1,6 +1,7 @@
 """Plan a training run before paying for it: compile the real train step for a TPU topology here.
 
     JAX_PLATFORMS=cpu python -m recam_jax.compile --config configs/base.py --topology v5p-8 [--config.key=value ...]
+    JAX_PLATFORMS=cpu python -m recam_jax.compile --job sample --config configs/base.py --topology v5p:1x1x1
 
 Compiles `train.compile_step` (the trainer's own step, shardings and donation) ahead of time for the
 devices of a TPU topology description (needs libtpu, no TPU: nothing is allocated), or for the local
@@ -28,7 +29,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from recam_jax import flops, sharding, train
+from recam_jax import flops, sample, sharding, train
 
 GiB = 2**30
 
@@ -131,6 +132,18 @@ def local_device_memory(device) -> float | None:
     return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
+def device_memory(devices) -> float | None:
+    """Memory of one device: its share of the chip's HBM on TPU, else what the runtime reports."""
+    chip, devices_per_chip = device_chip(devices)
+    return local_device_memory(devices[0]) if chip is None else chip.hbm_gib * GiB / devices_per_chip
+
+
+def peak_tflops(config, devices) -> float:
+    """Peak bf16 TFLOP/s of one device: its share of the chip's on TPU, else the config's figure."""
+    chip, devices_per_chip = device_chip(devices)
+    return config.peak_tflops_per_device if chip is None else chip.peak_tflops / devices_per_chip
+
+
 def plan(config, devices=None) -> Plan:
     """Compiles the config's train step for `devices` (default: the local ones) and sizes it up."""
     devices = jax.devices() if devices is None else list(devices)
@@ -140,14 +153,10 @@ def plan(config, devices=None) -> Plan:
     host_devices, host_rows = host_map(config, mesh)  # refuses a layout the loader cannot feed, before compiling
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         compiled = train.compile_step(config, mesh)[0]
-    chip, devices_per_chip = device_chip(devices)
-    if chip is None:
-        device_memory, peak = local_device_memory(devices[0]), config.peak_tflops_per_device
-    else:
-        device_memory, peak = chip.hbm_gib * GiB / devices_per_chip, chip.peak_tflops / devices_per_chip
     return Plan(
         devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-        memory_bytes=memory_bytes(compiled), device_memory_bytes=device_memory, peak_tflops_per_device=peak,
+        memory_bytes=memory_bytes(compiled), device_memory_bytes=device_memory(devices),
+        peak_tflops_per_device=peak_tflops(config, devices),
         train_flops=flops.train_step_flops(train.model_config(config), config.data.latent_shape,
                                            config.data.text_len, config.trainable, config.data.batch_size),
         collectives=count_collectives(compiled.as_text()), host_devices=host_devices, host_rows=host_rows)
@@ -197,11 +206,45 @@ def row_ranges(rows: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
+def plan_sample(config, devices=None) -> str:
+    """`python -m recam_jax.compile --job sample`: one denoising step (both guidance branches) of the
+    config's model, mesh and latent size, one video per data-parallel group, plus the VAE decode."""
+    devices = jax.devices() if devices is None else list(devices)
+    cfg = train.model_config(config)
+    mesh = train.make_mesh(config, devices)
+    latent_shape, text_len = tuple(config.data.latent_shape), config.data.text_len
+    batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    step = sample.compile_denoise_step(cfg, mesh, latent_shape, text_len, batch,
+                                       rules=sharding.rules_for(config.sharding_rules),
+                                       device_memory_bytes=device_memory(devices))
+    step_plan = Plan(
+        devices=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+        memory_bytes=memory_bytes(step), device_memory_bytes=device_memory(devices),
+        peak_tflops_per_device=peak_tflops(config, devices),
+        train_flops=2 * batch * flops.forward_flops(cfg, latent_shape, text_len),
+        collectives=count_collectives(step.as_text()))
+    decode = memory_bytes(sample.compile_vae_decode(latent_shape, mesh))
+    lines = [f"## one denoising step: {config.model.variant}, attention {cfg.attention}, {batch} × latents "
+             f"{latent_shape}, both guidance branches", "", report(step_plan), "",
+             "## VAE decode of one video on one device", "", "| per device | GiB |", "|---|---|"]
+    lines += [f"| {name} | {size / GiB:.2f} |" for name, size in decode.items()]
+    if step_plan.device_memory_bytes:
+        peak = max(step_plan.memory_bytes["total"], decode["total"])
+        verdict = "fits" if peak <= step_plan.device_memory_bytes else "does NOT fit"
+        lines += ["", f"sampling {verdict}: peak {peak / GiB:.2f} GiB of "
+                      f"{step_plan.device_memory_bytes / GiB:.2f} GiB per device"]
+    return "\n".join(lines)
+
+
 # --config and its --config.key=value overrides are the trainer's flag (defined by importing train).
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU topology to compile for, a Cloud name (v5p/v4 count TensorCores, v5e/v6e chips) → "
     f"libtpu name: {', '.join(f'{k} → {v}' for k, v in TOPOLOGIES.items())}; or a libtpu name like v5p:2x2x1. "
     "Default: the local devices.")
+
+
+_JOB = flags.DEFINE_enum("job", "train", ["train", "sample"], "what to compile: the train step, or sampling "
+                          "(one denoising step with both guidance branches + the VAE decode: plan_sample)")
 
 
 def main(argv) -> None:
@@ -211,7 +254,10 @@ def main(argv) -> None:
         raise app.UsageError("--config is required")
     devices = topology_devices(_TOPOLOGY.value, config.mesh.num_slices) if _TOPOLOGY.value else None
     try:
-        print(report(plan(config, devices)), flush=True)
+        if _JOB.value == "sample":
+            print(plan_sample(config, devices), flush=True)
+        else:
+            print(report(plan(config, devices)), flush=True)
     except sharding.BatchLayoutError as error:
         sys.exit(f"the loader cannot feed this layout: {error}")
     except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program over HBM

@@ -3,100 +3,309 @@
     python -m recam_jax.sample --params step20000.ckpt --video in.mp4 --caption "a man talks ..." \
         --trajectory camera_extrinsics.json --camera 1 --text_encoder_dir /models/umt5-xxl \
         --vae wan2.1 --vae_path /models/Wan2.1_VAE.pth --out out.mp4
+    python -m recam_jax.sample --params ... --batch renders.csv --out_dir renders/ ...
 
 Euler steps over the same shifted σ grid training draws from (`flow.shifted_sigmas`, one `shift`
 for both), classifier-free guidance against a negative caption, as the official inference does.
 The camera input follows the official inference: the target trajectory relative to its own
-first frame (the source camera is taken to start there).
+first frame (the source camera is taken to start there). Each step is one jitted call (both
+guidance branches), stepped from Python under a progress bar. Defaults fit the official size on
+one device: splash attention on TPU, cuDNN on GPU, the key-chunked XLA path elsewhere; `--attention
+xla` (the whole score matrix) is refused when it cannot fit. `--batch` renders every row of a CSV
+(video, caption, trajectory[, camera]) and a grid of [source | render] rows. See docs/sampling.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from recam_jax import convert, flow, trajectory
+from recam_jax import convert, flow, sharding, storage, trajectory
+from recam_jax.batch import batch_spec
+from recam_jax.models.attention import BACKENDS
+from recam_jax.models.vae import VAE_CONFIGS, WanVAE
+
+# The attention backend that fits the official size on one device of each platform.
+DEFAULT_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cpu": "chunked"}
+GiB = 2**30
+BATCH_COLUMNS = ("video", "caption", "trajectory")  # required; `camera` is optional
 
 
-def euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance: float):
-    """Integrates dx/dσ = v from σ = sigmas[0] to 0; the model sees [x ‖ source] and predicts v on x.
+def euler_step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, guidance: float):
+    """x at σ → x at σ_next along dx/dσ = v; the model sees [x ‖ source] and predicts v on x.
 
     `apply_fn(latents, timesteps, text, camera)`; `guidance` 1 skips the negative pass.
     """
-    frames = noise.shape[1]
-    timesteps = lambda sigma: jnp.full((noise.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
+    frames = x.shape[1]
+    timesteps = jnp.full((x.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
 
-    def velocity(x, sigma, caption):
+    def velocity(caption):
         latents = jnp.concatenate([x, source], axis=1)
-        return apply_fn(latents, timesteps(sigma), caption, camera)[:, :frames].astype(jnp.float32)
+        return apply_fn(latents, timesteps, caption, camera)[:, :frames].astype(jnp.float32)
 
-    def step(x, sigma_pair):
-        sigma, sigma_next = sigma_pair
-        v = velocity(x, sigma, text)
-        if guidance != 1.0:
-            v_negative = velocity(x, sigma, negative_text)
-            v = v_negative + guidance * (v - v_negative)
-        return x + (sigma_next - sigma) * v, None
+    v = velocity(text)
+    if guidance != 1.0:
+        v_negative = velocity(negative_text)
+        v = v_negative + guidance * (v - v_negative)
+    return x + (sigma_next - sigma) * v
 
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    x, _ = jax.lax.scan(step, noise.astype(jnp.float32), (sigmas, jnp.append(sigmas[1:], 0.0)))
+
+def euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance: float, *,
+                 step=euler_step, progress: bool = False):
+    """Integrates from σ = sigmas[0] to 0, one `step` call per σ from Python (a progress bar with
+    `progress`); `step` is `euler_step` or a jitted copy of it, compiled once for every step."""
+    x = noise.astype(jnp.float32)
+    sigmas = np.asarray(sigmas, np.float32)
+    pairs = list(zip(sigmas, np.append(sigmas[1:], np.float32(0.0))))
+    for sigma, sigma_next in tqdm(pairs, desc="denoising", unit="step", disable=not progress):
+        x = step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, guidance)
     return x
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def sample_with_params(graphdef, params, noise, source, text, negative_text, camera, sigmas, guidance: float):
-    """`euler_sample` of the DiT `nnx.merge(graphdef, params)`, jitted with the weights as arguments."""
-    apply_fn = lambda *inputs: nnx.merge(graphdef, params)(*inputs)
-    return euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance)
+def _run_dit(graphdef, params, *inputs):
+    return nnx.merge(graphdef, params)(*inputs)
 
 
-def main(argv=None) -> None:
-    from data_pipeline import cameras, text_encoder, video, video_encoder
+def dit_function(graphdef, params):
+    """The DiT as a pytree callable: a jitted step takes the weights as arguments, not constants."""
+    return jax.tree_util.Partial(_run_dit, graphdef, params)
 
+
+# One denoising step (both guidance branches) as one program.
+denoise_step = jax.jit(euler_step, static_argnames="guidance")
+
+
+# --- fitting the device --------------------------------------------------------------------------
+
+
+def default_attention(devices) -> str:
+    """The attention backend that fits the official size on these devices' platform."""
+    return DEFAULT_ATTENTION.get(devices[0].platform, "chunked")
+
+
+def tokens_per_example(cfg, latent_shape) -> int:
+    """Tokens of [target ‖ source] for one target latent (frames, height, width, channels)."""
+    return 2 * math.prod(latent_shape[:3]) // math.prod(cfg.patch_size)
+
+
+def check_attention_memory(cfg, latent_shape, mesh, device_memory_bytes: float | None) -> None:
+    """Refuses the `xla` backend when its float32 score matrix (heads × L² per example, split over
+    the tensor and context axes) exceeds one device's memory, naming both in GiB."""
+    if cfg.attention != "xla" or device_memory_bytes is None:
+        return
+    device = mesh.devices.flat[0]
+    length = tokens_per_example(cfg, latent_shape)
+    needed = cfg.num_heads * length**2 * 4 / (mesh.shape["tensor"] * mesh.shape["context"])
+    if needed > device_memory_bytes:
+        raise ValueError(
+            f"--attention xla materialises the {cfg.num_heads} × {length:,}² float32 score matrix: "
+            f"{needed / GiB:.1f} GiB per example per device, more than the {device_memory_bytes / GiB:.1f} GiB "
+            f"of one {device.device_kind}; use --attention {default_attention([device])} (the default here), "
+            "which never holds it whole")
+
+
+def local_memory_bytes(device) -> float | None:
+    """Memory of a local device: what the runtime reports for an accelerator, the host's RAM for a CPU."""
+    from recam_jax import compile as planner  # not at import: `python -m recam_jax.compile` imports this module
+    if device.platform == "cpu":
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return planner.local_device_memory(device)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'tensor=4,context=2' → {'tensor': 4, 'context': 2} (axes of sharding.MESH_AXES, one may be -1)."""
+    sizes = {}
+    for term in filter(None, spec.split(",")):
+        axis, _, size = term.partition("=")
+        if axis.strip() not in sharding.MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {spec!r}: {term!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}")
+        sizes[axis.strip()] = int(size)
+    return sizes
+
+
+def sampling_mesh(spec: str, devices):
+    """The mesh of `--mesh` over all devices; without it, one device (sampling a video needs no more)."""
+    return sharding.make_mesh(parse_mesh(spec), devices=devices if spec else devices[:1])
+
+
+def abstract_inputs(cfg, latent_shape, text_len: int, batch: int, mesh, params_sharding):
+    """ShapeDtypeStructs of `denoise_step`'s arguments (shapes of the training batch): weights
+    sharded, the rest replicated."""
+    abstract_model = convert.abstract_model(cfg)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.state(abstract_model, nnx.Param), params_sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+            for k, v in batch_spec(batch, latent_shape, text_len, cfg.text_dim).items()}
+    sigma = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    return (dit_function(nnx.graphdef(abstract_model), params), spec["target_latents"], sigma, sigma,
+            spec["source_latents"], spec["text_embeds"], spec["text_embeds"], spec["camera"])
+
+
+def compile_denoise_step(cfg, mesh, latent_shape, text_len: int, batch: int = 1, guidance: float = 5.0,
+                         rules=sharding.DEFAULT_RULES, device_memory_bytes: float | None = None):
+    """`denoise_step` AOT-compiled for `mesh` from shapes alone (a topology description works: nothing
+    runs); `--attention xla` over `device_memory_bytes` is refused first."""
+    check_attention_memory(cfg, latent_shape, mesh, device_memory_bytes)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        params_sharding = sharding.param_shardings(nnx.state(convert.abstract_model(cfg), nnx.Param), mesh, rules)
+        inputs = abstract_inputs(cfg, latent_shape, text_len, batch, mesh, params_sharding)
+        return denoise_step.lower(*inputs, guidance=guidance).compile()
+
+
+def compile_vae_decode(latent_shape, mesh, batch: int = 1, tile=None, vae: str = "wan2.1"):
+    """The VAE decode of `batch` latents AOT-compiled for the first device of `mesh` (tiled when `tile`)."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: WanVAE(VAE_CONFIGS[vae], rngs=nnx.Rngs(0))))
+    decode = lambda params, z: (nnx.merge(graphdef, params).decode_tiled(z, tile) if tile
+                                else nnx.merge(graphdef, params).decode(z))
+    one_device = NamedSharding(jax.sharding.Mesh(mesh.devices.flat[:1], ("one",)), PartitionSpec())
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device)
+    z = jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32, sharding=one_device)
+    return jax.jit(decode).lower(jax.tree.map(place, params), z).compile()
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", required=True, help="ReCamMaster/Wan PyTorch weights or a recam_jax params folder")
-    parser.add_argument("--video", required=True, help="source video")
-    parser.add_argument("--caption", required=True)
+    parser.add_argument("--video", help="source video (or --batch)")
+    parser.add_argument("--caption")
     parser.add_argument("--negative_caption", default="")
-    parser.add_argument("--trajectory", required=True,
+    parser.add_argument("--trajectory",
                         help="a camera JSON (MultiCamVideo format), a preset (pan_right, ..., arc_right) or a spec "
-                             "like 'pan:30+dolly:1' (see recam_jax/trajectory.py)")
+                             "like 'pan:30+dolly:1' (see docs/trajectories.md)")
     parser.add_argument("--camera", type=int, default=1, help="which camXX of a trajectory JSON to follow")
+    parser.add_argument("--out", help="output .mp4 (one video)")
+    parser.add_argument("--batch", help="CSV with columns video, caption, trajectory (and optionally camera): "
+                                        "one mp4 per row in --out_dir, plus grid.mp4 of [source | render] rows")
+    parser.add_argument("--out_dir", help="output folder of --batch")
     parser.add_argument("--text_encoder_dir", required=True)
     parser.add_argument("--vae", default="wan2.1", help="VAE config: wan2.1 (needs --vae_path) or demo")
     parser.add_argument("--vae_path", default=None)
-    parser.add_argument("--out", required=True, help="output .mp4")
+    parser.add_argument("--vae_tile", default="", help="decode in overlapping spatial tiles of H,W latent pixels (e.g. "
+                                                       "32,32; tiles overlap by 8): bounded memory at high resolution")
     parser.add_argument("--num_frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--text_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--shift", type=float, default=5.0)
+    parser.add_argument("--shift", type=float, default=None,
+                        help="σ shift; default: the one the weights were trained with (their model record), else "
+                             f"{OFFICIAL_SHIFT} (the official ReCamMaster/Wan2.1 inference)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_heads", type=int, default=None,
                         help="DiT heads, only for weights with no model record that are no official Wan2.1 size")
-    args = parser.parse_args(argv)
+    parser.add_argument("--attention", choices=sorted(BACKENDS), default=None,
+                        help=f"attention backend; default by platform: {DEFAULT_ATTENTION}, chunked elsewhere")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the DiT (weights keep theirs)")
+    parser.add_argument("--mesh", default="", help="mesh axis sizes over all devices, e.g. 'tensor=4' or "
+                                                   "'fsdp=2,context=2' (context needs --attention ring or ulysses); "
+                                                   "default: one device")
+    return parser
 
-    camera = cameras.inference_camera(trajectory.load(args.trajectory, args.camera, args.num_frames))[None]
+
+def read_batch(path: str) -> list[dict]:
+    """The rows of a `--batch` CSV; a missing column or empty cell names the file, row and column."""
+    with storage.open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in BATCH_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; the columns are {BATCH_COLUMNS} (+ camera)")
+        rows = list(reader)
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        empty = [c for c in BATCH_COLUMNS if not (row[c] or "").strip()]
+        if empty:
+            raise ValueError(f"{path}: line {number}: empty {empty}")
+        if not (row.get("camera") or "1").strip().isdigit():
+            raise ValueError(f"{path}: line {number}: camera {row['camera']!r} is not a camera number")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def jobs_of(args) -> list[dict]:
+    """The videos to render: the --batch rows, or the one of --video/--caption/--trajectory/--out."""
+    if args.batch:
+        if not args.out_dir:
+            raise ValueError("--batch needs --out_dir")
+        rows = read_batch(args.batch)
+        name = lambda i, row: f"{i:03d}_{storage.basename(row['video']).rsplit('.', 1)[0]}.mp4"
+        return [{**row, "camera": int(row.get("camera") or 1), "out": storage.join(args.out_dir, name(i, row))}
+                for i, row in enumerate(rows)]
+    missing = [f"--{name}" for name in ("video", "caption", "trajectory", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or --batch CSV with --out_dir)")
+    return [dict(video=args.video, caption=args.caption, trajectory=args.trajectory, camera=args.camera, out=args.out)]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    return np.round((frames + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+OFFICIAL_SHIFT = 5.0  # ReCamMaster's inference script and Wan2.1's text-to-video default
+
+
+def sampling_shift(asked: float | None, params: str) -> float:
+    """The σ shift to sample with: the one asked for, else the training shift the weights record."""
+    if asked is not None:
+        return asked
+    record = convert.read_model_record(params)
+    recorded = record["flow_shift"] if record else None
+    return OFFICIAL_SHIFT if recorded is None else recorded
+
+
+def main(argv=None) -> None:
+    from data_pipeline import cameras, text_encoder, video, video_encoder
+
+    args = build_parser().parse_args(argv)
+    jobs = jobs_of(args)
+    devices = jax.devices()
+    mesh = sampling_mesh(args.mesh, devices)
+    attention = args.attention or default_attention(devices)
+    model = convert.load_any(args.params, num_heads=args.num_heads, dtype=args.dtype, attention=attention, on_host=True)
+    latent_shape = video_encoder.latent_shape(args.num_frames, args.height, args.width, model.cfg.in_dim)
+    check_attention_memory(model.cfg, latent_shape, mesh, local_memory_bytes(devices[0]))  # before the long work
+    tile = tuple(int(t) for t in args.vae_tile.split(",")) if args.vae_tile else None
+    shift = sampling_shift(args.shift, args.params)
+
     vae = video_encoder.make_video_encoder(args.vae, args.vae_path)
-    source = vae(video.read_video(args.video, args.num_frames, args.height, args.width)[None])
     encode_text = text_encoder.TextEncoder(args.text_encoder_dir, args.text_len)
-    text, negative = (text_encoder.pad_text(encode_text(c), args.text_len)[0][None]
-                      for c in (args.caption, args.negative_caption))
-
-    graphdef, params = nnx.split(convert.load_any(args.params, num_heads=args.num_heads, dtype="bfloat16"))
-    noise = jax.random.normal(jax.random.key(args.seed), source.shape, jnp.float32)
-    latents = sample_with_params(graphdef, params, noise, source, text, negative, camera,
-                                 flow.shifted_sigmas(args.steps, args.shift), args.guidance)
-    frames = vae.decode(np.asarray(latents))[0]
-    video.write_video(args.out, np.round((frames + 1) * 127.5).clip(0, 255).astype(np.uint8))
-    print(f"wrote {args.out}")
+    embed = lambda caption: text_encoder.pad_text(encode_text(caption), args.text_len)[0][None]
+    negative = embed(args.negative_caption)
+    graphdef, params = nnx.split(model)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+        dit = dit_function(graphdef, params)
+        grid_rows = []
+        for job in jobs:
+            source_video = video.read_video(job["video"], args.num_frames, args.height, args.width)
+            camera = cameras.inference_camera(trajectory.load(job["trajectory"], job["camera"], args.num_frames))[None]
+            source = vae(source_video[None])
+            noise = jax.random.normal(jax.random.key(args.seed), source.shape, jnp.float32)
+            latents = euler_sample(dit, noise, source, embed(job["caption"]), negative, camera,
+                                   flow.shifted_sigmas(args.steps, shift), args.guidance,
+                                   step=denoise_step, progress=True)
+            frames = to_uint8(vae.decode(np.asarray(latents), tile=tile)[0])
+            video.write_video(job["out"], frames)
+            print(f"wrote {job['out']}", flush=True)
+            grid_rows.append(np.concatenate([to_uint8(source_video), frames], axis=2))
+    if args.batch:
+        grid = storage.join(args.out_dir, "grid.mp4")
+        video.write_video(grid, np.concatenate(grid_rows, axis=1))
+        print(f"wrote {grid}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from data_pipeline import loader
 from recam_jax import checkpoint, convert, flops, flow, optim, sharding, storage
+from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
 from recam_jax.models.attention import BACKENDS
@@ -235,12 +236,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, flow_cfg, accum_
     return new_state, metrics
 
 
-def eval_loss(state: TrainState, batch: dict, *, graphdef, flow_cfg, use_ema: bool = False) -> jax.Array:
-    """Validation loss at each example's fixed timestep and noise seed: comparable across runs."""
-    model = model_from_state(graphdef, state, use_ema)
-    keys = jax.vmap(jax.random.key)(batch["noise_seed"])
-    grid = jnp.asarray(flow.shifted_sigmas(flow.NUM_TRAIN_TIMESTEPS, flow_cfg.shift), jnp.float32)
-    return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[0]
+def eval_metrics(state: TrainState, batch: dict, *, graphdef, flow_cfg, use_ema: bool = False) -> dict:
+    """Validation loss at each example's fixed timestep and noise seed (comparable across runs), with the
+    true and with shuffled cameras (`evaluate.camera_sensitivity`), of the raw or the EMA weights."""
+    return evaluate_lib.camera_sensitivity(model_from_state(graphdef, state, use_ema), batch, flow_cfg)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -413,10 +412,10 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         state = state_from_weights(config.init_from, config, shardings)
     else:
         state = jax.jit(init_fn(config), out_shardings=shardings)()
-    eval_fns = {"eval_loss": jax.jit(functools.partial(eval_loss, graphdef=graphdef, flow_cfg=flow_config(config)))}
+    eval_fn = functools.partial(eval_metrics, graphdef=graphdef, flow_cfg=flow_config(config))
+    eval_fns = {"": jax.jit(eval_fn)}
     if config.optimizer.ema_decay:
-        eval_fns["eval_loss_ema"] = jax.jit(functools.partial(eval_loss, graphdef=graphdef,
-                                                              flow_cfg=flow_config(config), use_ema=True))
+        eval_fns["_ema"] = jax.jit(functools.partial(eval_fn, use_ema=True))
     add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
 
     train_flops = flops.train_step_flops(cfg, config.data.latent_shape, config.data.text_len,
@@ -492,13 +491,15 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
 
 
 def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
-    """Each eval function's mean loss over one pass of the fixed held-out examples, by its name."""
-    losses = {name: [] for name in eval_fns}
+    """The mean eval metrics over one pass of the fixed held-out examples, of each weights' eval function
+    (its name is the metrics' suffix: "" for the raw weights, "_ema")."""
+    per_batch = {suffix: [] for suffix in eval_fns}
     for batch in make_data_iterator(config, data_sharding, split="eval"):
         batch = to_global(batch, data_sharding, config)
-        for name, eval_fn in eval_fns.items():
-            losses[name].append(eval_fn(state, batch))
-    return {name: float(np.mean(jax.device_get(values))) for name, values in losses.items()}
+        for suffix, eval_fn in eval_fns.items():
+            per_batch[suffix].append(eval_fn(state, batch))
+    return {name + suffix: value for suffix, metrics in per_batch.items()
+            for name, value in evaluate_lib.mean_metrics(metrics).items()}
 
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:

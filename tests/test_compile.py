@@ -12,7 +12,7 @@ import pytest
 
 from configs import base, wan14b
 from recam_jax import compile as planner
-from recam_jax import sharding, train
+from recam_jax import flops, sharding, train
 from recam_jax.synthetic import synthetic_dataset
 from tests.conftest import REPO, tiny_config
 from tests.test_attention import tpu_topology
@@ -161,3 +161,12 @@ def test_cli_refuses_a_batch_the_hosts_cannot_split_before_compiling():
     assert result.returncode != 0
     assert ("the loader cannot feed this layout: data.batch_size=24 cannot be fed: the batch is split over mesh "
             "axes ('data', 'fsdp') (16 shards), so each device would hold 1.5 rows") in result.stderr, result.stderr[-2000:]
+
+
+def test_sample_plan_compiles_one_denoising_step_and_the_vae_decode():
+    """Two forward passes (both guidance branches) per video, one video per data-parallel group."""
+    config = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 1})
+    text = planner.plan_sample(config, jax.devices()[:2])
+    forward = flops.forward_flops(train.model_config(config), config.data.latent_shape, config.data.text_len)
+    assert "2 × latents" in text and f"model FLOPs per step: {2 * 2 * forward:.4g}" in text, text
+    assert text.count("| total |") == 2 and "## VAE decode" in text

@@ -38,7 +38,8 @@ def test_trains_on_prepared_shards_resumes_and_exports(shards, tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all(np.isfinite(r["eval_loss"]) and np.isfinite(r["camera_gap"]) for r in evals)
     export = os.path.join(workdir, "exports", "recammaster_step4.ckpt")
     assert convert.read_model_record(export)["flow_shift"] == demo_config(shards, 4).flow.shift
     exported = convert.load_pytorch(export, train.model_config(demo_config(shards, 4)))

@@ -1,15 +1,21 @@
 """Sampling: the Euler integrator lands on the data under the exact velocity; the CLI runs end to end."""
 
+import csv
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from data_pipeline import demo_data, video
+from data_pipeline import demo_data, video, video_encoder
+from recam_jax import compile as planner
 from recam_jax import convert, flow, sample
 from recam_jax.models.dit import WanDiT, dit_config
+from tests.test_attention import tpu_topology
+
+REQUIRED = ["--params", "p", "--text_encoder_dir", "t"]  # the CLI's required flags; everything else default
 
 
 def test_euler_with_the_exact_velocity_reaches_the_data():
@@ -41,18 +47,101 @@ def test_guidance_extrapolates_from_the_negative_caption():
     np.testing.assert_allclose(sample.euler_sample(constant_velocity, *args, guidance=1.0), -1.0)
 
 
-def test_cli_renders_a_video_along_a_trajectory(tmp_path):
+def demo_scene(tmp_path):
+    """A one-scene demo dataset, a tiny umT5 and tiny DiT weights: (scene folder, common CLI flags)."""
     root = str(tmp_path)
     demo_data.write_dataset(root, num_scenes=1, num_frames=9, height=32, width=32)
-    scene = os.path.join(root, "train", "f18_aperture10", "scene1")
     demo_data.write_tiny_umt5(os.path.join(root, "umt5"), demo_data.WORDS)
     params = str(tmp_path / "tiny.ckpt")
     convert.save_pytorch(WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0)), params)
+    flags = ["--params", params, "--text_encoder_dir", os.path.join(root, "umt5"),
+             "--vae", "demo", "--num_frames", "9", "--height", "32", "--width", "32", "--text_len", "16",
+             "--steps", "3"]
+    return os.path.join(root, "train", "f18_aperture10", "scene1"), flags
+
+
+def test_the_shift_comes_from_the_weights_record_unless_asked(tmp_path):
+    """Sampling needs no --shift: the training shift recorded with an export, else the official 5."""
+    model = WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0))
+    recorded, plain = str(tmp_path / "trained.ckpt"), str(tmp_path / "plain.safetensors")
+    convert.save_pytorch(model, recorded, shift=3.0)
+    convert.save_pytorch(model, plain)
+    assert sample.sampling_shift(None, recorded) == 3.0
+    assert sample.sampling_shift(None, plain) == sample.OFFICIAL_SHIFT == 5.0
+    assert sample.sampling_shift(7.0, recorded) == 7.0
+
+
+def test_cli_renders_a_video_along_a_trajectory(tmp_path, capsys):
+    scene, flags = demo_scene(tmp_path)
     out = str(tmp_path / "out.mp4")
-    sample.main(["--params", params, "--video", os.path.join(scene, "videos", "cam01.mp4"),
-                 "--caption", "a ball", "--trajectory", os.path.join(scene, "cameras", "camera_extrinsics.json"),
-                 "--camera", "3", "--text_encoder_dir", os.path.join(root, "umt5"), "--vae", "demo",
-                 "--out", out, "--num_frames", "9", "--height", "32", "--width", "32", "--text_len", "16",
-                 "--steps", "3"])
+    sample.main([*flags, "--video", os.path.join(scene, "videos", "cam01.mp4"), "--caption", "a ball",
+                 "--trajectory", os.path.join(scene, "cameras", "camera_extrinsics.json"), "--camera", "3",
+                 "--out", out])
     frames = video.read_video(out, 9, 32, 32)
     assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
+    assert "3/3" in capsys.readouterr().err  # the progress bar went through every denoising step
+
+
+def test_cli_batch_renders_each_row_and_a_grid(tmp_path):
+    scene, flags = demo_scene(tmp_path)
+    rows = [{"video": os.path.join(scene, "videos", "cam01.mp4"), "caption": "a ball", "trajectory": "pan_right"},
+            {"video": os.path.join(scene, "videos", "cam02.mp4"), "caption": "a red ball",
+             "trajectory": os.path.join(scene, "cameras", "camera_extrinsics.json"), "camera": "3"}]
+    table = tmp_path / "batch.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["video", "caption", "trajectory", "camera"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out_dir = tmp_path / "renders"
+    out_dir.mkdir()
+    sample.main([*flags, "--batch", str(table), "--out_dir", str(out_dir)])
+    assert sorted(os.listdir(out_dir)) == ["000_cam01.mp4", "001_cam02.mp4", "grid.mp4"]
+    grid = video.read_video(str(out_dir / "grid.mp4"), 9, 64, 64)  # 2 rows of [source | render]
+    for i, row in enumerate(rows):
+        source = video.read_video(row["video"], 9, 32, 32)
+        render = video.read_video(str(out_dir / f"00{i}_cam0{i + 1}.mp4"), 9, 32, 32)
+        assert np.abs(grid[:, 32 * i:32 * (i + 1), :32] - source).mean() < 0.05  # codec noise only
+        assert np.abs(grid[:, 32 * i:32 * (i + 1), 32:] - render).mean() < 0.05
+
+
+def test_batch_csv_errors_name_the_file_line_and_column(tmp_path):
+    table = tmp_path / "batch.csv"
+    table.write_text("video,caption\na.mp4,a ball\n")
+    with pytest.raises(ValueError, match=r"batch.csv: missing column\(s\) \['trajectory'\]"):
+        sample.read_batch(str(table))
+    table.write_text("video,caption,trajectory\na.mp4,a ball,pan_right\nb.mp4,,pan_left\n")
+    with pytest.raises(ValueError, match=r"batch.csv: line 3: empty \['caption'\]"):
+        sample.read_batch(str(table))
+
+
+def official_size_on_one_v5p_chip(attention=None, num_layers=1):
+    """The CLI's defaults (81 × 480 × 832 video, 512 text tokens) as a 1.3B config of `num_layers`
+    blocks, the attention the CLI would pick, and a one-chip v5p mesh (a topology description)."""
+    tpu_topology("v5p:2x2x1")  # skips, saying why, without libtpu
+    devices = planner.topology_devices("v5p:1x1x1")
+    args = sample.build_parser().parse_args(REQUIRED)
+    cfg = dit_config("1.3B", num_layers=num_layers, dtype=args.dtype,
+                     attention=attention or args.attention or sample.default_attention(devices))
+    latent_shape = video_encoder.latent_shape(args.num_frames, args.height, args.width, cfg.in_dim)
+    return cfg, sample.sampling_mesh(args.mesh, devices), latent_shape, args
+
+
+@pytest.mark.slow
+def test_default_options_compile_for_one_v5p_chip_at_the_official_size():
+    """One block at the real 65,520-token length (blocks run one after another, so the temporaries
+    of 30 do not grow; docs/sampling.md scales the weights)."""
+    cfg, mesh, latent_shape, args = official_size_on_one_v5p_chip()
+    assert cfg.attention == "splash" and sample.tokens_per_example(cfg, latent_shape) == 65_520
+    with jax.default_matmul_precision("default"):  # the CLI's precision, not the tests' "highest"
+        compiled = sample.compile_denoise_step(cfg, mesh, latent_shape, args.text_len, guidance=args.guidance,
+                                               device_memory_bytes=planner.device_memory(list(mesh.devices.flat)))
+    memory = planner.memory_bytes(compiled)
+    assert 0 < memory["total"] < 95 * planner.GiB
+    assert "splash" in compiled.as_text()  # the Pallas kernel, not an XLA fallback
+
+
+def test_xla_attention_at_the_official_size_is_refused_naming_the_memory():
+    cfg, mesh, latent_shape, args = official_size_on_one_v5p_chip(attention="xla")
+    with pytest.raises(ValueError, match=r"12 × 65,520² float32 score matrix: 191\.9 GiB .* 95\.0 GiB of one TPU v5"):
+        sample.compile_denoise_step(cfg, mesh, latent_shape, args.text_len,
+                                    device_memory_bytes=planner.device_memory(list(mesh.devices.flat)))

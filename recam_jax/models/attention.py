@@ -1,6 +1,6 @@
 """The one attention function every attention layer calls; backends plug in here.
 
-A backend is a per-device kernel (`xla`, `splash`, `cudnn`) optionally wrapped in a context-parallel
+A backend is a per-device kernel (`xla`, `chunked`, `splash`, `cudnn`) optionally wrapped in a context-parallel
 scheme over the mesh axis that `act_length` maps to (`ulysses`: all-to-all between sequence and head
 sharding; `ring`: K/V blocks passed around the ring with an online softmax). Context parallelism
 applies to self-attention only: cross-attention keeps each device's query shard and the whole
@@ -90,9 +90,6 @@ def splash_attention(q, k, v, kv_len=None):
     return heads_first(out)[:, :q_len]
 
 
-KERNELS = {"xla": xla_attention, "splash": splash_attention, "cudnn": cudnn_attention}
-
-
 # Context parallelism: functions of per-device shards inside shard_map, sequence split over `axis`.
 
 
@@ -127,32 +124,58 @@ def ring_shard(q, k, v, kv_len, axis, chunk):
     return _ring_fwd(q, k, v, kv_len, axis, chunk)[0]
 
 
-def _ring_fwd(q, k, v, kv_len, axis, chunk):
-    """Online softmax over the K/V chunks as they come round; saves only q, k, v, out and the LSE."""
-    n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
+def _online_softmax(q, k, v, kv_start, kv_len, chunk, carry):
+    """Adds keys k, v (a multiple of `chunk` long, the first at global position `kv_start`) to the
+    online-softmax carry (out, row_max, row_sum), one (queries × chunk) logits tile at a time."""
 
-    def add_chunk(c, carry, k_blk, v_blk, kv_start):
+    def add_chunk(c, carry):
         out, row_max, row_sum = carry
-        logits = _logits(q, _chunk(k_blk, c, chunk), kv_start + c * chunk, kv_len)
+        logits = _logits(q, _chunk(k, c, chunk), kv_start + c * chunk, kv_len)
         new_max = jnp.maximum(row_max, logits.max(-1))
         probs = jnp.exp(logits - new_max[..., None])
         correction = jnp.exp(row_max - new_max)
         out = out * correction[..., None] + jnp.einsum(
-            "bhqk,bkhd->bhqd", probs.astype(v.dtype), _chunk(v_blk, c, chunk), preferred_element_type=jnp.float32)
+            "bhqk,bkhd->bhqd", probs.astype(v.dtype), _chunk(v, c, chunk), preferred_element_type=jnp.float32)
         return out, new_max, row_sum * correction + probs.sum(-1)
 
+    return jax.lax.fori_loop(0, k.shape[1] // chunk, add_chunk, carry)
+
+
+def _softmax_start(q):
+    """The empty online-softmax carry for queries q."""
     b, q_len, h, d = q.shape
-    carry = (jnp.zeros((b, h, q_len, d), jnp.float32), jnp.full((b, h, q_len), -jnp.inf, jnp.float32),
-             jnp.zeros((b, h, q_len), jnp.float32))
+    return (jnp.zeros((b, h, q_len, d), jnp.float32), jnp.full((b, h, q_len), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, q_len), jnp.float32))
+
+
+def _softmax_end(carry, dtype):
+    """(attention output (batch, q_len, heads, head_dim), log-sum-exp of each row) from the carry."""
+    out, row_max, row_sum = carry
+    return (out / row_sum[..., None]).transpose(0, 2, 1, 3).astype(dtype), row_max + jnp.log(row_sum)
+
+
+def chunked_attention(q, k, v, kv_len=None):
+    """Softmax attention that never holds the whole score matrix: the ring's online softmax on one
+    device, RING_CHUNK keys at a time (memory: one queries × chunk logits tile per head)."""
+    chunk = min(RING_CHUNK, k.shape[1])
+    padded = _round_up(k.shape[1], chunk)
+    if padded != k.shape[1]:
+        kv_len = k.shape[1] if kv_len is None else kv_len
+        k, v = _pad_length(k, padded), _pad_length(v, padded)
+    return _softmax_end(_online_softmax(q, k, v, 0, kv_len, chunk, _softmax_start(q)), q.dtype)[0]
+
+
+def _ring_fwd(q, k, v, kv_len, axis, chunk):
+    """Online softmax over the K/V chunks as they come round; saves only q, k, v, out and the LSE."""
+    n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
+    carry = _softmax_start(q)
     k_blk, v_blk = k, v
     for step in range(n):
         if step:
             k_blk, v_blk = _shift(axis, k_blk, v_blk)
-        body = functools.partial(add_chunk, k_blk=k_blk, v_blk=v_blk, kv_start=((me - step) % n) * block)
-        carry = jax.lax.fori_loop(0, block // chunk, body, carry)
-    out, row_max, row_sum = carry
-    out = (out / row_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
-    return out, (q, k, v, out, row_max + jnp.log(row_sum))
+        carry = _online_softmax(q, k_blk, v_blk, ((me - step) % n) * block, kv_len, chunk, carry)
+    out, lse = _softmax_end(carry, q.dtype)
+    return out, (q, k, v, out, lse)
 
 
 def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
@@ -208,9 +231,12 @@ def _context_parallel(scheme, kernel, q, k, v, axis: str):
     return _sharded(shard_fn, q, k, v, QKV_AXES, QKV_AXES)[:, :length]
 
 
+KERNELS = {"xla": xla_attention, "chunked": chunked_attention, "splash": splash_attention, "cudnn": cudnn_attention}
+
 # Backend name → (context-parallel scheme or None, per-device kernel).
 BACKENDS = {
     "xla": (None, "xla"),
+    "chunked": (None, "chunked"),  # key-chunked XLA: the memory-safe choice off TPU/GPU (sampling)
     "splash": (None, "splash"),
     "cudnn": (None, "cudnn"),
     "ulysses": ("ulysses", "xla"),
