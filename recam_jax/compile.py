@@ -162,13 +162,15 @@ def plan(config, devices=None) -> Plan:
         collectives=count_collectives(compiled.as_text()), host_devices=host_devices, host_rows=host_rows)
 
 
-def host_map(config, mesh) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Each host's device ids and the global batch rows it loads (`train.batch_rows`) on this mesh.
+def host_map(config, mesh, batch_size: int | None = None) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Each host's device ids and the global batch rows it loads (`train.batch_rows`) on this mesh, for
+    the config's batch or `batch_size` rows.
 
     Raises sharding.BatchLayoutError for a layout the loader cannot feed.
     """
     data_sharding = sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules))
-    host_rows = {host: rows.tolist() for host, rows in train.batch_rows(config, data_sharding).items()}
+    rows = sharding.process_rows(data_sharding, batch_size or config.data.batch_size)
+    host_rows = {host: host_rows.tolist() for host, host_rows in rows.items()}
     host_devices = collections.defaultdict(list)
     for device in sorted(mesh.devices.flat, key=lambda d: d.id):
         host_devices[device.process_index].append(device.id)
@@ -214,6 +216,7 @@ def plan_sample(config, devices=None) -> str:
     mesh = train.make_mesh(config, devices)
     latent_shape, text_len = tuple(config.data.latent_shape), config.data.text_len
     batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    host_devices, host_rows = host_map(config, mesh, batch)  # the videos (rows) each host renders
     step = sample.compile_denoise_step(cfg, mesh, latent_shape, text_len, batch,
                                        rules=sharding.rules_for(config.sharding_rules),
                                        device_memory_bytes=device_memory(devices))
@@ -222,7 +225,7 @@ def plan_sample(config, devices=None) -> str:
         memory_bytes=memory_bytes(step), device_memory_bytes=device_memory(devices),
         peak_tflops_per_device=peak_tflops(config, devices),
         train_flops=2 * batch * flops.forward_flops(cfg, latent_shape, text_len),
-        collectives=count_collectives(step.as_text()))
+        collectives=count_collectives(step.as_text()), host_devices=host_devices, host_rows=host_rows)
     decode = memory_bytes(sample.compile_vae_decode(latent_shape, mesh))
     lines = [f"## one denoising step: {config.model.variant}, attention {cfg.attention}, {batch} × latents "
              f"{latent_shape}, both guidance branches", "", report(step_plan), "",

@@ -16,9 +16,8 @@ from recam_jax.synthetic import synthetic_dataset
 def tiny_model(camera_scale: float) -> WanDiT:
     """The tiny DiT; `camera_scale` > 0 moves every camera encoder far from its zero init."""
     model = WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0))
-    for i, block in enumerate(model.blocks):
-        kernel = block.cam_encoder.kernel
-        kernel[...] = camera_scale * jax.random.normal(jax.random.key(i), kernel.shape)
+    kernel = model.blocks.cam_encoder.kernel  # (layers, 12, dim): the blocks are stacked
+    kernel[...] = camera_scale * jax.random.normal(jax.random.key(1), kernel.shape)
     return model
 
 

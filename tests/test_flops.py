@@ -20,7 +20,9 @@ def test_attention_is_most_of_the_1_3b_work_at_full_resolution():
 
 def test_dense_forward_flops_match_xla_cost_analysis():
     """Our dense count against XLA's own FLOP count of the compiled forward (no attention term)."""
-    cfg = dit_config("small", dtype="float32", camera=True)
+    # Unrolled blocks: XLA's cost analysis counts a scanned loop (its while body, stacked-weight slicing)
+    # differently from the blocks it runs (3.8x the unrolled count here), so it is no reference for them.
+    cfg = dit_config("small", dtype="float32", camera=True, scan_layers=False)
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     shape, text_len = (2, 8, 8, 16), 8
