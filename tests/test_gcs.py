@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -49,9 +50,10 @@ def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_buck
 
     killed = f"{gcs_bucket}/killed"
     processes = start_two_processes(killed, STEPS, **trainer)
-    first_checkpoint = storage.join(killed, "checkpoints", "2", "_CHECKPOINT_METADATA")
+    checkpoints = storage.join(killed, "checkpoints")
+    finished = lambda: storage.exists(checkpoints) and ocp.utils.checkpoint_steps(checkpoints)  # committed saves only
     deadline = time.time() + TIMEOUT
-    while not storage.exists(first_checkpoint) and time.time() < deadline and processes[0].poll() is None:
+    while not finished() and time.time() < deadline and processes[0].poll() is None:
         time.sleep(0.05)
     for process in processes:
         process.send_signal(signal.SIGKILL)
