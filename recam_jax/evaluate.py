@@ -1,12 +1,17 @@
-"""Evaluation: the validation loss, and how much of it the camera input explains.
+"""Evaluation: the validation loss, how much of it the camera input explains, and camera accuracy.
 
     python -m recam_jax.evaluate --params step20000.ckpt --data /path/to/shards [--batch_size 8]
+    python -m recam_jax.evaluate --camera_accuracy --video render.mp4 --trajectory arc_right [--focal_px 560]
 
 Camera sensitivity: the loss with each example's true camera and with the cameras shuffled across
 the batch (rolled by one, so every example gets another's trajectory), at the same noise and
 timesteps. The gap is what the model gets from the camera: 0 when it ignores it (the camera
 encoder at its zero init), positive once it follows the camera. The trainer logs the three
 numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`).
+
+Camera accuracy (`--camera_accuracy`): RotErr and TransErr of a video's camera, estimated by COLMAP,
+against the trajectory it was asked for (recam_jax/camera_accuracy.py); exit status 1 when COLMAP
+cannot reconstruct the video.
 """
 
 from __future__ import annotations
@@ -51,21 +56,38 @@ def evaluate(model, batches, flow_cfg: flow.FlowConfig) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
-    from data_pipeline import loader
-    from recam_jax import convert
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", required=True, help="ReCamMaster/Wan PyTorch weights or a recam_jax params folder")
-    parser.add_argument("--data", required=True, help="folder of prepared TFRecord shards (its val split)")
+    parser.add_argument("--params", help="ReCamMaster/Wan PyTorch weights or a recam_jax params folder")
+    parser.add_argument("--data", help="folder of prepared TFRecord shards (its val split)")
     parser.add_argument("--batch_size", type=int, default=8, help="examples per batch (≥ 2: cameras are shuffled "
                                                                   "within a batch)")
     parser.add_argument("--pairs_per_scene", type=int, default=2, help="held-out (source, target) pairs per scene")
     parser.add_argument("--text_len", type=int, default=512)
     parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the training σ grid")
     parser.add_argument("--num_heads", type=int, default=None, help="DiT heads (default: dim / 128, as Wan)")
+    accuracy = parser.add_argument_group("camera accuracy (--camera_accuracy)")
+    accuracy.add_argument("--camera_accuracy", action="store_true", help="RotErr / TransErr of --video against "
+                                                                         "--trajectory instead of the eval loss")
+    accuracy.add_argument("--video", help="the video whose camera is measured (e.g. a sample.py render)")
+    accuracy.add_argument("--trajectory", help="the requested camera path: preset, spec (pan:30+dolly:1) or camera JSON")
+    accuracy.add_argument("--camera", type=int, default=1, help="which camXX of a trajectory JSON")
+    accuracy.add_argument("--focal_px", type=float, default=None, help="the video's focal length in pixels, if known "
+                                                                       "(default: COLMAP estimates it)")
+    accuracy.add_argument("--frame_stride", type=int, default=1, help="measure every n-th frame (4: one per latent "
+                                                                      "frame, 4x faster)")
+    accuracy.add_argument("--colmap_dir", help="an empty folder to keep COLMAP's frames, database and model in")
     args = parser.parse_args(argv)
+    if args.camera_accuracy:
+        if not _camera_accuracy(parser, args):
+            raise SystemExit(1)
+        return
+    if args.params is None or args.data is None:
+        parser.error("--params and --data are required (or --camera_accuracy with --video and --trajectory)")
     if args.batch_size < 2:
         parser.error("--batch_size must be at least 2: the cameras are shuffled across the batch")
+
+    from data_pipeline import loader
+    from recam_jax import convert
 
     model = convert.load_any(args.params, num_heads=args.num_heads)
     batches = loader.make_eval_iterator(args.data, batch_size=args.batch_size, text_len=args.text_len,
@@ -73,6 +95,29 @@ def main(argv=None) -> None:
     metrics = evaluate(model, batches, flow.FlowConfig(shift=args.shift))
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
+
+
+def _camera_accuracy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Prints the video's camera accuracy; False when COLMAP could not reconstruct the video."""
+    import pycolmap
+
+    from data_pipeline import cameras
+    from recam_jax import camera_accuracy, trajectory
+
+    pycolmap.logging.minloglevel = pycolmap.logging.WARNING  # not COLMAP's hundreds of INFO lines per video
+    if args.video is None or args.trajectory is None:
+        parser.error("--camera_accuracy needs --video and --trajectory")
+    if args.frame_stride < 1:
+        parser.error(f"--frame_stride must be at least 1, got {args.frame_stride}")
+    try:
+        frames = camera_accuracy.read_frames(args.video)
+        requested = cameras.c2w_from_unreal(trajectory.load(args.trajectory, args.camera, len(frames)))
+        result = camera_accuracy.camera_accuracy(frames[:: args.frame_stride], requested[:: args.frame_stride],
+                                                 args.focal_px, args.colmap_dir)
+    except ValueError as e:  # an unreadable video, a bad trajectory, a --colmap_dir in use
+        parser.error(str(e))
+    print(result.report())
+    return result.failure is None
 
 
 if __name__ == "__main__":
