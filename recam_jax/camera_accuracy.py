@@ -123,13 +123,13 @@ def estimate_poses(frames: np.ndarray, workdir: str, focal_px: float | None = No
     posed = {} if largest is None else {image.name: image.cam_from_world().matrix() for image in largest.images.values()
                                         if image.has_pose}
     if len(posed) < len(frames):
-        raise CouldNotReconstruct(_why(database, len(frames), posed.keys() & set(names), names))
+        raise CouldNotReconstruct(_why(database, names, posed.keys()))
     w2c = np.tile(np.eye(4), (len(frames), 1, 1))
     w2c[:, :3, :] = [posed[name] for name in names]
     return np.linalg.inv(w2c)
 
 
-def _why(database: str, num_frames: int, posed: set[str], names: list[str]) -> str:
+def _why(database: str, names: list[str], posed) -> str:
     """What COLMAP found: frames posed, features per frame, verified frame pairs."""
     import pycolmap
 
@@ -141,7 +141,7 @@ def _why(database: str, num_frames: int, posed: set[str], names: list[str]) -> s
         db.close()
     missing = [k for k, name in enumerate(names) if name not in posed]
     shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-    return (f"COLMAP posed {len(posed)} of {num_frames} frames in one model"
+    return (f"COLMAP posed {len(posed)} of {len(names)} frames in one model"
             + (f" (missing frames {shown})" if posed else "")
             + f"; median {features:.0f} SIFT features per frame, {pairs} frame pairs verified. A static camera, "
             "a pure rotation or too little texture leaves nothing to triangulate.")
