@@ -113,10 +113,10 @@ def test_a_textureless_video_could_not_be_reconstructed(tmp_path, capsys):
     path = str(tmp_path / "grey.mp4")
     video.write_video(path, np.full((8, HEIGHT, WIDTH, 3), 128, np.uint8))
     with pytest.raises(SystemExit) as exit_status:
-        evaluate.main(["--camera_accuracy", "--video", path, "--trajectory", "arc_right"])
+        evaluate.main(["--camera_accuracy", "--video", path, "--trajectory", "arc_right", "--frame_stride", "2"])
     assert exit_status.value.code == 1
     printed = report(capsys)
-    assert "rot_err" not in printed and "0 SIFT features per frame" in printed["could not reconstruct"]
+    assert printed["frames"] == "4" and "rot_err" not in printed and "0 SIFT features per frame" in printed["could not reconstruct"]
 
 
 def test_bad_inputs_are_named(tmp_path, capsys):
@@ -132,3 +132,8 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--camera_accuracy", "--video", path])
     assert "--trajectory" in capsys.readouterr().err
+    used = tmp_path / "used"
+    (used / "sparse").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--camera_accuracy", "--video", path, "--trajectory", "arc_right", "--colmap_dir", str(used)])
+    assert f"{used}: not empty" in capsys.readouterr().err
