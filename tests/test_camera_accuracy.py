@@ -21,7 +21,7 @@ def textured_room(c2w: np.ndarray, seed: int = 0) -> np.ndarray:
     The room spans 4 m behind to 8 m ahead of the first camera, 6 m to either side, floor 2.4 m below.
     """
     rng = np.random.default_rng(seed)
-    octaves = [((cell, rng.random((256, 256, 3))), weight) for cell, weight in ((1.0, 1.0), (0.35, 0.7), (0.12, 0.5))]
+    octaves = [(cell, weight, rng.random((256, 256, 3))) for cell, weight in ((1.0, 1.0), (0.35, 0.7), (0.12, 0.5))]
     low, high = c2w[0, :3, 3] + [-4.0, -6.0, -2.4], c2w[0, :3, 3] + [8.0, 6.0, 3.6]
     v, u = (np.mgrid[: HEIGHT * SUPERSAMPLE, : WIDTH * SUPERSAMPLE] + 0.5) / SUPERSAMPLE  # COLMAP's pixel centres
     rays_cam = np.stack([(u - WIDTH / 2) / FOCAL_PX, (v - HEIGHT / 2) / FOCAL_PX, np.ones_like(u)], -1)
@@ -34,8 +34,7 @@ def textured_room(c2w: np.ndarray, seed: int = 0) -> np.ndarray:
         hit = origin + distance.min(-1)[..., None] * rays
         wall = 2 * axis + (np.take_along_axis(rays, axis[..., None], -1)[..., 0] > 0)  # each of the 6 its own texture
         in_wall = np.take_along_axis(hit, np.array([[1, 2], [0, 2], [0, 1]])[axis], -1) + 40.0 * wall[..., None]
-        blobs = [weight * (_value_noise(in_wall / cell, grid) > 0.5) for (cell, grid), weight in octaves]
-        image = sum(blobs)
+        image = sum(weight * (_value_noise(in_wall / cell, grid) > 0.5) for cell, weight, grid in octaves)
         image = image.reshape(HEIGHT, SUPERSAMPLE, WIDTH, SUPERSAMPLE, 3).mean((1, 3))  # anti-aliased
         frames.append((255 * (image - image.min()) / np.ptp(image)).astype(np.uint8))
     return np.stack(frames)
