@@ -40,7 +40,7 @@ from recam_jax.synthetic import synthetic_dataset
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; saved whole in every checkpoint."""
+    """Everything a step reads and writes; saved in every checkpoint but `frozen`, written once per run."""
 
     step: jax.Array
     rng: jax.Array  # raw key data of the run's step-key stream; each step folds in its step number
@@ -151,7 +151,16 @@ def split_model(model: WanDiT, trainable: str):
 def new_state(model: WanDiT, config, tx) -> TrainState:
     """A step-0 train state around a model's parameters."""
     _, trainable, frozen = split_model(model, config.trainable)
-    return state_around(trainable, frozen, config, tx)
+    return state_around(trainable, hold_frozen(frozen, config), config, tx)
+
+
+def hold_frozen(frozen: nnx.State, config) -> nnx.State:
+    """The frozen parameters as the state holds them: in the compute dtype with
+    `model.frozen_in_compute_dtype` (half the memory and checkpoint bytes of float32 under bf16
+    compute; they take no update, so there is no small step to lose), else as they are."""
+    if not config.model.frozen_in_compute_dtype:
+        return frozen
+    return jax.tree.map(lambda x: x.astype(jnp.dtype(config.model.dtype)), frozen)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -408,10 +417,12 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     state = checkpoint.restore_latest(manager, abstract_on_mesh, data_iterator)
     if state is not None:
         print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
-    elif config.init_from:
-        state = state_from_weights(config.init_from, config, shardings)
     else:
-        state = jax.jit(init_fn(config), out_shardings=shardings)()
+        if config.init_from:
+            state = state_from_weights(config.init_from, config, shardings)
+        else:
+            state = jax.jit(init_fn(config), out_shardings=shardings)()
+        checkpoint.save_frozen(manager, state.frozen)  # once per run: no step checkpoint holds them
     eval_fn = functools.partial(eval_metrics, graphdef=graphdef, flow_cfg=flow_config(config))
     eval_fns = {"": jax.jit(eval_fn)}
     if config.optimizer.ema_decay:
@@ -485,7 +496,7 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
     devices straight as its shards (never whole onto one device); moments are created sharded."""
     model = convert.load_any(path, cfg=model_config(config), on_host=True)
     _, trainable, frozen = split_model(model, config.trainable)
-    trainable, frozen = jax.device_put((trainable, frozen), (shardings.trainable, shardings.frozen))
+    trainable, frozen = jax.device_put((trainable, hold_frozen(frozen, config)), (shardings.trainable, shardings.frozen))
     around = functools.partial(state_around, config=config, tx=optim.make_optimizer(config.optimizer))
     return jax.jit(around, out_shardings=shardings)(trainable, frozen)
 
