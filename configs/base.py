@@ -130,6 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.export_every = 0
     # Export the EMA parameters instead of the raw ones (needs ema_decay > 0).
     c.export_ema = False
+    # Trace `profile_steps` steps from step `profile_from_step` with jax.profiler into WORKDIR/tensorboard
+    # (TensorBoard's profile tab, xprof); 0: no trace. Start after the first steps (compile, warm-up).
+    c.profile_steps = 0
+    c.profile_from_step = 10
     # Peak dense bf16 TFLOP/s of one device, for MFU (TPU v5p: 459; H100 SXM: 989).
     c.peak_tflops_per_device = 459.0
     return c

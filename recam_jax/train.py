@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from recam_jax import checkpoint, convert, flops, flow, optim, sharding, storage
+from recam_jax import checkpoint, convert, flops, flow, optim, profiling, sharding, storage
 from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
@@ -400,7 +400,7 @@ def _set_compilation_cache(options: dict) -> None:
 
 
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
-    started = time.perf_counter()
+    goodput = profiling.Goodput()
     writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
     write_config(config, workdir)
     data_iterator = make_data_iterator(config, sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules)))
@@ -434,14 +434,18 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     tokens_per_example = 2 * int(np.prod(config.data.latent_shape[:3])) // int(np.prod(cfg.patch_size))
     start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
     breakdown = None  # the loss by task and σ bucket, summed on the device since the last log
+    profiler = profiling.Profiler(workdir, config.profile_from_step, config.profile_steps, config.steps)
     for step in range(start_step + 1, config.steps + 1):
-        batch = to_global(next(data_iterator), data_sharding, config)
+        with goodput.timing("data_wait"):
+            batch = to_global(next(data_iterator), data_sharding, config)
+        profiler.before_step(step)
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
             breakdown = metrics["breakdown"] if breakdown is None else add(breakdown, metrics["breakdown"])
+        profiler.after_step(step, state)
         if step == start_step + 1:  # what a (re)start costs: compiling (or loading) the step, restoring
             jax.block_until_ready(state)
-            writer.write(step, {"time_to_first_step_s": time.perf_counter() - started})
+            writer.write(step, {"time_to_first_step_s": goodput.first_step(step)})
         stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
         last = step == config.steps
         log_due = step % config.log_every == 0 or last
@@ -457,12 +461,15 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
             seconds = elapsed / (step - last_log)
             last_log, breakdown = step, None
             writer.write(step, {**_scalars(metrics, seconds, config, train_flops, tokens_per_example),
-                                **flow.breakdown_means(sums)})
+                                **flow.breakdown_means(sums), **goodput.metrics(step)})
         if eval_due:
-            writer.write(step, evaluate(config, eval_fns, state, data_sharding))
+            with goodput.timing("eval"):
+                writer.write(step, evaluate(config, eval_fns, state, data_sharding))
         if export_due:  # before the last save: a crash in between retrains the end rather than skip the export
-            export(graphdef, state, config, workdir)
-        checkpoint.save(manager, step, state, data_iterator, force=last or stop)
+            with goodput.timing("export"):
+                export(graphdef, state, config, workdir)
+        with goodput.timing("checkpoint"):
+            checkpoint.save(manager, step, state, data_iterator, force=last or stop)
         if stop:
             manager.wait_until_finished()
             print(f"SIGTERM: saved step {step}, exiting", flush=True)

@@ -1,5 +1,6 @@
 """The trainer: learning, trainable subsets, checkpoints, exact resume after SIGKILL, NaN handling."""
 
+import glob
 import json
 import os
 import re
@@ -136,6 +137,21 @@ def test_frozen_parameters_are_written_once_in_the_compute_dtype_and_restored_ex
     with pytest.raises(ValueError, match=r"frozen: the frozen parameters stored for this run do not match the "
                                          r"config.*: stored \(.*\) bfloat16, config \(.*\) float32"):
         checkpoint.restore_frozen(manager, held_in_float32)
+
+
+def test_profile_steps_write_a_trace_and_goodput_is_logged(tmp_path):
+    """There was no profiler hook, and the metrics did not say how much of the time trained."""
+    config = tiny_config(steps=4, log_every=2, checkpoint_every=2, eval_every=2, profile_steps=2, profile_from_step=2)
+    train.train(config, str(tmp_path))
+    traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1
+    planes = jax.profiler.ProfileData.from_file(traces[0]).planes
+    assert any("train_step" in event.name for plane in planes for line in plane.lines for event in line.events)
+    logged = [r for r in read_metrics(tmp_path) if "goodput" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert r["data_wait_s"] >= 0 and 0 < r["goodput_s"] <= r["wall_time_s"] and 0 < r["goodput"] < 1
+        assert 0 < r["train_step_time_s"] < r["wall_time_s"]
 
 
 def random_model(config, seed: int) -> WanDiT:
