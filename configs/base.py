@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Parameters (and optimizer moments) are kept in param_dtype; matmuls run in dtype.
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
+    # Frozen (untrained) parameters held and stored in `dtype` rather than param_dtype: the 1.3B's
+    # frozen half in bf16 halves its memory; they are written once per run, not in every checkpoint.
+    c.model.frozen_in_compute_dtype = True
     # Per-block rematerialisation: none, full, save_dots.
     c.model.remat = "full"
     # Blocks stacked on a `layers` axis under one lax.scan: one block is traced and compiled, not 30.
@@ -127,6 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.export_every = 0
     # Export the EMA parameters instead of the raw ones (needs ema_decay > 0).
     c.export_ema = False
+    # Trace `profile_steps` steps from step `profile_from_step` with jax.profiler into WORKDIR/tensorboard
+    # (TensorBoard's profile tab, xprof); 0: no trace. Start after the first steps (compile, warm-up).
+    c.profile_steps = 0
+    c.profile_from_step = 10
     # Peak dense bf16 TFLOP/s of one device, for MFU (TPU v5p: 459; H100 SXM: 989).
     c.peak_tflops_per_device = 459.0
     return c

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -535,26 +536,87 @@ def _orbax_record(path: str) -> dict:
     return record
 
 
-def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool, stored_dtypes: bool = False) -> WanDiT:
-    """The params under `path`/params into a `cfg` model: numpy arrays with `on_host`, in the dtypes
-    they were stored in with `stored_dtypes` (else cast to cfg.param_dtype)."""
+def stored_param_shapes(params_dir: str) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """The shape and dtype of every param an orbax folder of an `nnx.State` holds, by Flax path:
+    ("blocks", 0, "self_attn", ...) or, for blocks stacked on a `layers` axis, ("blocks", "self_attn", ...)."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        params_dir = storage.join(path, "params")
-        stored = {m.name.removesuffix(".value"): m.dtype for m in
-                  jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)}
-        # Folders hold the layout they were saved from: one entry per block, or the blocks stacked.
-        model = abstract_model(dataclasses.replace(cfg, scan_layers=not any(name.startswith("blocks.0.") for name in stored)))
-        abstract_params = nnx.state(model, nnx.Param)
-        stored = stored if stored_dtypes else {}
-        for flax_path, variable in abstract_params.flat_state():
-            dtype = stored.get(".".join(map(str, flax_path)), variable.dtype)
-            # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
-            variable.set_value(np.empty(variable.shape, dtype) if on_host else jax.ShapeDtypeStruct(variable.shape, dtype))
+        leaves = jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)
+    return {tuple(int(k) if k.isdigit() else k for k in m.name.removesuffix(".value").split(".")):
+            jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for m in leaves}
+
+
+def _is_scanned(stored: Mapping[tuple, jax.ShapeDtypeStruct]) -> bool:
+    return not any(path[:2] == ("blocks", 0) for path in stored)
+
+
+def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool) -> WanDiT:
+    """The params under `path`/params into a `cfg` model, cast to cfg.param_dtype (numpy arrays with `on_host`)."""
+    import orbax.checkpoint as ocp
+
+    params_dir = storage.join(path, "params")
+    # Folders hold the layout they were saved from: one entry per block, or the blocks stacked.
+    model = abstract_model(dataclasses.replace(cfg, scan_layers=_is_scanned(stored_param_shapes(params_dir))))
+    abstract_params = nnx.state(model, nnx.Param)
+    for _, variable in abstract_params.flat_state():
+        # numpy targets make orbax restore numpy arrays (np.empty: pages are only touched by the read)
+        variable.set_value(np.empty(variable.shape, variable.dtype) if on_host
+                           else jax.ShapeDtypeStruct(variable.shape, variable.dtype))
+    with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(params_dir, abstract_params)
     nnx.update(model, params)
     return with_block_layout(model, cfg.scan_layers)
+
+
+def _restore_params(params_dir: str, wanted: Mapping[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, np.ndarray]:
+    """Only the `wanted` params of an orbax folder (Flax path → shape and stored dtype), as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    item = {}
+    for path, struct in wanted.items():  # the saved tree: nested dicts, each param under "value"
+        node = item
+        for key in path:
+            node = node.setdefault(key, {})
+        node["value"] = np.empty(struct.shape, struct.dtype)  # numpy targets: numpy arrays, pages touched by the read
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    out = {}
+    for path in wanted:
+        node = restored
+        for key in path:
+            node = node[key]
+        out[path] = node["value"]
+    return out
+
+
+def orbax_tensors(path: str, cfg: DiTConfig) -> dict[str, LazyTensor]:
+    """The params of a recam_jax orbax folder by official name, in PyTorch layout and the dtypes they
+    were stored in, restored one group at a time when loaded in order (a block, or a top-level module
+    such as the head; the last group is kept while its tensors are read). A folder saved from a scanned
+    model holds every block in one stacked array per weight, so its blocks are restored together."""
+    params_dir = storage.join(path, "params")
+    stored = stored_param_shapes(params_dir)
+    scanned = _is_scanned(stored)
+
+    def stored_path(w: Weight) -> tuple:  # ("blocks", n, ...) → ("blocks", ...) for stacked blocks
+        return ("blocks", *w.path[2:]) if scanned and w.path[0] == "blocks" else w.path
+
+    def group(flax_path: tuple) -> tuple:
+        return flax_path[:2] if flax_path[0] == "blocks" and not scanned else flax_path[:1]
+
+    @functools.lru_cache(maxsize=1)
+    def restore_group(key: tuple) -> dict[tuple, np.ndarray]:
+        return _restore_params(params_dir, {p: struct for p, struct in stored.items() if group(p) == key})
+
+    def load(w: Weight) -> np.ndarray:
+        array = restore_group(group(stored_path(w)))[stored_path(w)]
+        return to_torch_layout(array if stored_path(w) == w.path else array[w.path[1]], w.kind)
+
+    _, flat = _param_state(abstract_model(_per_block(cfg)))
+    return {w.wan: LazyTensor(_torch_shape(flat[w.path].shape, w.kind), np.dtype(stored[stored_path(w)].dtype),
+                              lambda w=w: load(w)) for w in weight_table(cfg)}
 
 
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
@@ -581,14 +643,15 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     tensor's dtype (unless `dtype`) and carrying the model record over.
 
     PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are restored
-    whole (orbax restores a tree); to orbax they are handed to orbax whole (views of the input where
-    no cast or copy is needed)."""
+    one block at a time (`orbax_tensors`); to orbax they are handed to orbax as views of the mapped
+    input, which it writes without copying them (`_save_orbax_tensors`). A cast (`dtype`) to orbax
+    holds the cast copies."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
         record = _orbax_record(storage.absolute(source))
         cfg = DiTConfig(**record["dit"])
-        tensors = model_tensors(_restore_orbax(storage.absolute(source), cfg, on_host=True, stored_dtypes=True))
+        tensors = orbax_tensors(storage.absolute(source), cfg)
     shift = record["flow_shift"] if record else None
     if dtype is not None:
         tensors = _cast(tensors, dtype)
@@ -598,16 +661,27 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
         _save_orbax_tensors(tensors, cfg, target, shift)
 
 
+ORBAX_DATA_FILE_BYTES = 4 * 2**20  # measured in benchmarks/convert_memory.py: larger files cost more memory
+
+
 def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
-    """`save_orbax` of the model holding `tensors`, in their own dtypes."""
+    """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format.
+
+    orbax holds the whole tree; to add little to the (mapped) input it is told not to copy host
+    arrays before writing them (the save is synchronous: nothing changes them meanwhile) and to
+    write small data files (OCDBT keeps the files being written in memory)."""
     import orbax.checkpoint as ocp
 
     path = storage.absolute(path)
     state, flat = _param_state(abstract_model(_per_block(cfg)))  # read back in either layout (`_restore_orbax`)
     for w in weight_table(cfg):
         flat[w.path].set_value(to_flax_layout(tensors[w.wan].load(), w.kind))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(storage.join(path, "params"), state)
+    no_copies = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; orbax warns without one
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=no_copies)) as checkpointer:
+        checkpointer.save(storage.join(path, "params"),
+                          args=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=ORBAX_DATA_FILE_BYTES))
     _write_record(model_record(cfg, shift), storage.join(path, RECORD_FILE))
 
 

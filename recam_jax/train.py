@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from recam_jax import checkpoint, convert, flops, flow, optim, sharding, storage
+from recam_jax import checkpoint, convert, flops, flow, optim, profiling, sharding, storage
 from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
@@ -40,7 +40,7 @@ from recam_jax.synthetic import synthetic_dataset
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; saved whole in every checkpoint."""
+    """Everything a step reads and writes; saved in every checkpoint but `frozen`, written once per run."""
 
     step: jax.Array
     rng: jax.Array  # raw key data of the run's step-key stream; each step folds in its step number
@@ -151,7 +151,16 @@ def split_model(model: WanDiT, trainable: str):
 def new_state(model: WanDiT, config, tx) -> TrainState:
     """A step-0 train state around a model's parameters."""
     _, trainable, frozen = split_model(model, config.trainable)
-    return state_around(trainable, frozen, config, tx)
+    return state_around(trainable, hold_frozen(frozen, config), config, tx)
+
+
+def hold_frozen(frozen: nnx.State, config) -> nnx.State:
+    """The frozen parameters as the state holds them: in the compute dtype with
+    `model.frozen_in_compute_dtype` (half the memory and checkpoint bytes of float32 under bf16
+    compute; they take no update, so there is no small step to lose), else as they are."""
+    if not config.model.frozen_in_compute_dtype:
+        return frozen
+    return jax.tree.map(lambda x: x.astype(jnp.dtype(config.model.dtype)), frozen)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -391,7 +400,7 @@ def _set_compilation_cache(options: dict) -> None:
 
 
 def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> TrainState:
-    started = time.perf_counter()
+    goodput = profiling.Goodput()
     writer = MetricWriter(workdir, write_files=jax.process_index() == 0)
     write_config(config, workdir)
     data_iterator = make_data_iterator(config, sharding.batch_sharding(mesh, sharding.rules_for(config.sharding_rules)))
@@ -408,10 +417,12 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     state = checkpoint.restore_latest(manager, abstract_on_mesh, data_iterator)
     if state is not None:
         print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
-    elif config.init_from:
-        state = state_from_weights(config.init_from, config, shardings)
     else:
-        state = jax.jit(init_fn(config), out_shardings=shardings)()
+        if config.init_from:
+            state = state_from_weights(config.init_from, config, shardings)
+        else:
+            state = jax.jit(init_fn(config), out_shardings=shardings)()
+        checkpoint.save_frozen(manager, state.frozen)  # once per run: no step checkpoint holds them
     eval_fn = functools.partial(eval_metrics, graphdef=graphdef, flow_cfg=flow_config(config))
     eval_fns = {"": jax.jit(eval_fn)}
     if config.optimizer.ema_decay:
@@ -423,14 +434,18 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     tokens_per_example = 2 * int(np.prod(config.data.latent_shape[:3])) // int(np.prod(cfg.patch_size))
     start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
     breakdown = None  # the loss by task and σ bucket, summed on the device since the last log
+    profiler = profiling.Profiler(workdir, config.profile_from_step, config.profile_steps, config.steps)
     for step in range(start_step + 1, config.steps + 1):
-        batch = to_global(next(data_iterator), data_sharding, config)
+        with goodput.timing("data_wait"):
+            batch = to_global(next(data_iterator), data_sharding, config)
+        profiler.before_step(step)
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
             breakdown = metrics["breakdown"] if breakdown is None else add(breakdown, metrics["breakdown"])
+        profiler.after_step(step, state)
         if step == start_step + 1:  # what a (re)start costs: compiling (or loading) the step, restoring
             jax.block_until_ready(state)
-            writer.write(step, {"time_to_first_step_s": time.perf_counter() - started})
+            writer.write(step, {"time_to_first_step_s": goodput.first_step(step)})
         stop = preemption.reached(step)  # read once: a SIGTERM landing after the save waits for the next step
         last = step == config.steps
         log_due = step % config.log_every == 0 or last
@@ -446,12 +461,15 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
             seconds = elapsed / (step - last_log)
             last_log, breakdown = step, None
             writer.write(step, {**_scalars(metrics, seconds, config, train_flops, tokens_per_example),
-                                **flow.breakdown_means(sums)})
+                                **flow.breakdown_means(sums), **goodput.metrics(step)})
         if eval_due:
-            writer.write(step, evaluate(config, eval_fns, state, data_sharding))
+            with goodput.timing("eval"):
+                writer.write(step, evaluate(config, eval_fns, state, data_sharding))
         if export_due:  # before the last save: a crash in between retrains the end rather than skip the export
-            export(graphdef, state, config, workdir)
-        checkpoint.save(manager, step, state, data_iterator, force=last or stop)
+            with goodput.timing("export"):
+                export(graphdef, state, config, workdir)
+        with goodput.timing("checkpoint"):
+            checkpoint.save(manager, step, state, data_iterator, force=last or stop)
         if stop:
             manager.wait_until_finished()
             print(f"SIGTERM: saved step {step}, exiting", flush=True)
@@ -485,7 +503,7 @@ def state_from_weights(path: str, config, shardings) -> TrainState:
     devices straight as its shards (never whole onto one device); moments are created sharded."""
     model = convert.load_any(path, cfg=model_config(config), on_host=True)
     _, trainable, frozen = split_model(model, config.trainable)
-    trainable, frozen = jax.device_put((trainable, frozen), (shardings.trainable, shardings.frozen))
+    trainable, frozen = jax.device_put((trainable, hold_frozen(frozen, config)), (shardings.trainable, shardings.frozen))
     around = functools.partial(state_around, config=config, tx=optim.make_optimizer(config.optimizer))
     return jax.jit(around, out_shardings=shardings)(trainable, frozen)
 

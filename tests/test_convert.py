@@ -203,6 +203,24 @@ def test_orbax_params_load_into_either_block_layout(tmp_path, saved_scanned):
         assert_bit_exact(model, convert.with_block_layout(loaded, saved_scanned))
 
 
+def test_orbax_folders_convert_one_block_at_a_time(tmp_path, monkeypatch):
+    """Conversion from orbax restored the whole tree at once (1.53× the file in RAM): every restore
+    now asks for one block or one top-level module, and each of them once."""
+    model = trained_tiny_model(scan_layers=False)
+    convert.save_orbax(model, str(tmp_path / "params"))
+    restored_groups, restore = [], convert._restore_params
+
+    def spy(params_dir, wanted):
+        restored_groups.append({path[:2] if path[0] == "blocks" else path[:1] for path in wanted})
+        return restore(params_dir, wanted)
+
+    monkeypatch.setattr(convert, "_restore_params", spy)
+    convert.main([str(tmp_path / "params"), str(tmp_path / "out.ckpt")])
+    assert all(len(groups) == 1 for groups in restored_groups)
+    assert len(restored_groups) == len(set().union(*restored_groups)) == model.cfg.num_layers + 5
+    assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+
+
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
     state = convert.export_weights(trained_tiny_model())
     del state["blocks.1.self_attn.q.weight"], state["blocks.1.ffn.0.bias"]
