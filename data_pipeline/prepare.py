@@ -192,7 +192,7 @@ class Throughput:
     """Scenes and videos this process encoded, and where its time went."""
 
     scenes: int = 0
-    decode_wait_s: float = 0.0  # waiting for the decoders: > 0 means decoding is the bottleneck
+    decode_wait_s: float = 0.0  # waiting for the decoders: large next to encode_s means decode-bound
     encode_s: float = 0.0
     start: float = dataclasses.field(default_factory=time.monotonic)
 
