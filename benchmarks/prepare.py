@@ -81,15 +81,16 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| decode (ffmpeg) | {frames}x{height}x{width} | 1 thread | {one:.2f} |")
     print(f"| decode (ffmpeg) | {frames}x{height}x{width} | {args.workers} threads | {many:.2f} |")
+    size = f"{frames}x{height}x{width}"
     print(f"| encode (Wan2.1 VAE) | {enc[0]}x{enc[1]}x{enc[2]} | {len(devices)} devices | {measured:.3f} |")
     if enc != (frames, height, width):
-        print(f"| encode, extrapolated by frames x pixels | {frames}x{height}x{width} | {len(devices)} devices | {full_size:.4f} |")
-    print(f"| encode per host, {chips} chips (per-device rate x chips) | {frames}x{height}x{width} | {chips} | {per_host_encode:.4f} |")
+        print(f"| encode, extrapolated by frames x pixels | {size} | {len(devices)} devices | {full_size:.4f} |")
+    print(f"| encode per host, {chips} chips (per-device rate x chips) | {size} | {chips} | {per_host_encode:.4f} |")
     per_host = min(many, per_host_encode)
     hours = SCENES * multicam.NUM_CAMERAS / (per_host * args.hosts) / 3600
     bound = "decode" if many < per_host_encode else "encode"
-    print(f"\nprojected: {SCENES} scenes ({SCENES * multicam.NUM_CAMERAS} videos) on {args.hosts} hosts x {chips} chips: "
-          f"{hours:.1f} h ({bound}-bound at {per_host:.3f} videos/s per host)")
+    print(f"\nprojected: {SCENES} scenes ({SCENES * multicam.NUM_CAMERAS} videos) on {args.hosts} hosts x {chips} "
+          f"chips: {hours:.1f} h ({bound}-bound at {per_host:.3f} videos/s per host)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def scene_fingerprints(split_dir: str, scene_ids: list[str]) -> dict[str, str]:
         parts = name.split("/", 2)  # lens folder, scene folder, path inside the scene
         if len(parts) == 3:
             files["/".join(parts[:2])].append(f"{parts[2]} {size}")
-    return {scene_id: hashlib.sha256("\n".join(sorted(files[scene_id])).encode()).hexdigest()[:16] for scene_id in scene_ids}
+    return {scene_id: hashlib.sha256("\n".join(sorted(files[scene_id])).encode()).hexdigest()[:16]
+            for scene_id in scene_ids}  # fmt: skip
 
 
 def make_plan(settings: dict, fingerprints: dict[str, str], shards: dict[str, list[list[str]]]) -> dict:
@@ -74,8 +75,9 @@ def differences(old: dict, new: dict) -> list[str]:
                for key in sorted(old["settings"].keys() | new["settings"].keys())
                if old["settings"].get(key) != new["settings"].get(key)]  # fmt: skip
     before, after = old["scenes"], new["scenes"]
+    changed = {scene for scene in before.keys() & after.keys() if before[scene] != after[scene]}
     for kind, ids in (("added", after.keys() - before.keys()), ("missing", before.keys() - after.keys()),
-                      ("changed (file names or sizes)", {s for s in before.keys() & after.keys() if before[s] != after[s]})):  # fmt: skip
+                      ("changed (file names or sizes)", changed)):  # fmt: skip
         if ids:
             shown = ", ".join(sorted(ids)[:_SHOWN]) + (f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else "")
             changes.append(f"{len(ids)} scene(s) {kind}: {shown}")
@@ -103,7 +105,8 @@ def agree(output_dir: str, plan: dict, process_index: int, replan: bool, wait_s:
         changes = differences(storage.read_json(path), plan) if storage.exists(path) else None
         if changes == []:
             return plan_id(plan)
-        if time.monotonic() > deadline or (changes and not replan):  # with replan, process 0 may not have written it yet
+        # With replan, process 0 may not have written the new plan yet: keep waiting for it.
+        if time.monotonic() > deadline or (changes and not replan):
             if changes is None:
                 raise PlanError(f"{path}: process 0 wrote no plan within {wait_s:.0f} s")
             raise PlanError(_refusal(path, f"process {process_index}", changes))

@@ -110,11 +110,13 @@ def make_plan(config: PrepareConfig, scenes: list[Scene], encode_video, encode_t
     settings = {
         "num_frames": config.num_frames, "height": config.height, "width": config.width,
         "num_val_scenes": config.num_val_scenes, "scenes_per_shard": config.scenes_per_shard, "limit": config.limit,
-        "default_caption": config.default_caption, "captions_sha256": captions, "sensor_size_mm": multicam.SENSOR_SIZE_MM,
+        "default_caption": config.default_caption, "captions_sha256": captions,
+        "sensor_size_mm": multicam.SENSOR_SIZE_MM,
         "video_encoder": encode_video.identity, "text_encoder": encode_text.identity,
     }  # fmt: skip
     assignment = shard_plan(split_scenes(scenes, config.num_val_scenes), config.scenes_per_shard)
-    shard_ids = {split: [[scene.scene_id for scene in chunk] for chunk in chunks] for split, chunks in assignment.items()}
+    shard_ids = {split: [[scene.scene_id for scene in chunk] for chunk in chunks]
+                 for split, chunks in assignment.items()}  # fmt: skip
     split_dir = storage.join(config.input_root, "train")
     return plan.make_plan(settings, plan.scene_fingerprints(split_dir, [scene.scene_id for scene in scenes]), shard_ids)
 
@@ -205,7 +207,9 @@ class Throughput:
 
 def failure_reason(scene: Scene, error: Exception) -> str:
     """Why a scene was skipped, naming the file: SceneError and VideoError name theirs, others get the scene folder."""
-    return str(error) if isinstance(error, SceneError | VideoError) else f"{scene.path}: {type(error).__name__}: {error}"
+    if isinstance(error, SceneError | VideoError):
+        return str(error)
+    return f"{scene.path}: {type(error).__name__}: {error}"
 
 
 def write_shard(directory: str, name: str, key: str, loads, encode: SceneEncoder, progress, throughput) -> dict:
@@ -234,7 +238,8 @@ def write_shard(directory: str, name: str, key: str, loads, encode: SceneEncoder
                     defaulted.append(scene.scene_id)
             progress.update(1)
             progress.set_postfix(videos_per_s=f"{throughput.summary()['videos_per_s']:.2f}", skipped=len(skipped))
-    index = {"shard_key": key, "scenes": written, "offsets": writer.offsets, "skipped": skipped, "default_caption": defaulted}
+    index = {"shard_key": key, "scenes": written, "offsets": writer.offsets, "skipped": skipped,
+             "default_caption": defaulted}  # fmt: skip
     shards.write_json_atomically(shards.index_path(directory, name), index)
     return index
 
@@ -267,16 +272,19 @@ def combined_throughput(config: PrepareConfig, plan_id: str) -> dict:
             "videos_per_s": sum(p["videos_per_s"] for p in processes)}  # fmt: skip
 
 
-def finish(config: PrepareConfig, the_plan: dict, plan_id: str, encode: SceneEncoder, unmatched: list[str]) -> dict | None:
+def finish(config: PrepareConfig, the_plan: dict, plan_id: str, encode: SceneEncoder,
+           unmatched: list[str]) -> dict | None:  # fmt: skip
     """Once every shard of every split is complete under this plan: writes the manifest and the
     report, and returns the report (None while shards are missing)."""
-    names = {split: [shards.shard_name(split, k) for k in range(len(chunks))] for split, chunks in the_plan["shards"].items()}
+    names = {split: [shards.shard_name(split, k) for k in range(len(chunks))]
+             for split, chunks in the_plan["shards"].items()}  # fmt: skip
     indexes = [complete_index(config.output_dir, shards.shard_name(split, k), plan.shard_key(the_plan, split, k))
                for split, chunks in the_plan["shards"].items() for k in range(len(chunks))]  # fmt: skip
     if not all(indexes):
         return None
     encoders = {"video": the_plan["settings"]["video_encoder"], "text": the_plan["settings"]["text_encoder"]}
-    settings = {"height": config.height, "width": config.width, "sensor_size_mm": multicam.SENSOR_SIZE_MM, "plan": plan_id}
+    settings = {"height": config.height, "width": config.width, "sensor_size_mm": multicam.SENSOR_SIZE_MM,
+                "plan": plan_id}  # fmt: skip
     shards.write_manifest(config.output_dir, encode.shapes, encoders, names, settings)
     report = {"plan": plan_id, "num_scenes": len(the_plan["scenes"]), "skipped": {}, "default_caption": [],
               "unmatched": unmatched, "throughput": combined_throughput(config, plan_id)}  # fmt: skip
@@ -306,9 +314,10 @@ def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
     todo = [(name, key, chunk) for name, key, chunk in mine if indexes[name] is None]
     throughput = Throughput()
     desc = f"prepare {config.process_index}/{config.process_count}"
+    pending = [scene for *_, chunk in todo for scene in chunk]
     with tqdm.tqdm(total=sum(len(chunk) for *_, chunk in mine), unit="scene", desc=desc) as progress, \
-            contextlib.closing(decode_ahead([scene for *_, chunk in todo for scene in chunk], config)) as loads:  # fmt: skip
-        progress.update(sum(len(chunk) for name, _, chunk in mine if indexes[name] is not None))  # done by an earlier run
+            contextlib.closing(decode_ahead(pending, config)) as loads:  # fmt: skip
+        progress.update(progress.total - len(pending))  # shards done by an earlier run
         for name, key, chunk in todo:
             chunk_loads = itertools.islice(loads, len(chunk))  # decoding runs on into the next shard
             indexes[name] = write_shard(config.output_dir, name, key, chunk_loads, encode, progress, throughput)
@@ -317,7 +326,8 @@ def prepare(config: PrepareConfig, encode_video, encode_text) -> bool:
                   **throughput.summary()}  # fmt: skip
         shards.write_json_atomically(throughput_path(config.output_dir, config.process_index), record)
         print(f"process {config.process_index}: {record['scenes']} scenes, {record['videos_per_s']:.2f} videos/s "
-              f"({record['scenes_per_s']:.3f} scenes/s), waited {record['decode_wait_s']:.0f} s for decoding")  # fmt: skip
+              f"({record['scenes_per_s']:.3f} scenes/s), waited {record['decode_wait_s']:.0f} s "
+              "for decoding")  # fmt: skip
     report = finish(config, the_plan, plan_id, encode, unmatched)
     if report is not None:
         print(f"all processes: {report['throughput']['videos_per_s']:.2f} videos/s "
@@ -382,12 +392,13 @@ def _define_flags() -> None:
 
     for field in dataclasses.fields(PrepareConfig):
         default = None if field.default is dataclasses.MISSING else field.default
-        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(type(default), flags.DEFINE_string)
+        defines = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+        define = defines.get(type(default), flags.DEFINE_string)
         define(field.name, default, f"PrepareConfig.{field.name}", required=field.default is dataclasses.MISSING)
     flags.DEFINE_string("video_encoder", "wan2.1", "VAE config: 'wan2.1' (needs --vae_path) or 'demo' (random weights)")
     flags.DEFINE_string("vae_path", None, "Wan2.1_VAE.pth or a diffusers AutoencoderKLWan file/folder")
     flags.DEFINE_string("vae_dtype", "float32", "VAE compute dtype (bfloat16 is faster on accelerators)")
-    flags.DEFINE_string("text_encoder_dir", None, "local umT5 encoder + tokenizer directory (not needed with --validate_only)")
+    flags.DEFINE_string("text_encoder_dir", None, "local umT5 encoder + tokenizer folder (not for --validate_only)")
     flags.DEFINE_integer("max_text_len", 512, "caption tokens kept (Wan: 512)")
 
 

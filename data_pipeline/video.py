@@ -38,7 +38,8 @@ def read_frames(path: str, num_frames: int, height: int, width: int, timeout_s: 
     the encoder); VideoError if short, unreadable or still decoding after `timeout_s`."""
     with storage.local_copy(path) as local:  # ffmpeg reads local files (a gs:// video is downloaded)
         try:
-            result = subprocess.run(_ffmpeg_command(local, num_frames, height, width), capture_output=True, timeout=timeout_s)
+            command = _ffmpeg_command(local, num_frames, height, width)
+            result = subprocess.run(command, capture_output=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as e:
             raise VideoError(f"{path}: ffmpeg still decoding after {timeout_s:g} s (killed)") from e
     if result.returncode != 0:
