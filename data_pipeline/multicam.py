@@ -55,15 +55,26 @@ class Scene:
 
 def find_scenes(split_dir: str) -> list[Scene]:
     """Every `<focal_aperture>/<scene>` folder under a split, sorted so all hosts agree."""
-    scenes = []
+    return scan_split(split_dir)[0]
+
+
+def scan_split(split_dir: str) -> tuple[list[Scene], list[str]]:
+    """The split's scenes, and the entries that are not in the layout (a lens folder not named
+    `f<mm>_...`, a file where a folder belongs), as paths, so a run can say what it left out."""
+    if not storage.isdir(split_dir):
+        raise SceneError(f"{split_dir}: no such folder (a MultiCamVideo root holds train/<focal_aperture>/<scene>)")
+    scenes, unmatched = [], []
     for lens in storage.listdir(split_dir):
         match = _FOCAL_FOLDER.match(lens)
         if match is None or not storage.isdir(storage.join(split_dir, lens)):
+            unmatched.append(storage.join(split_dir, lens))
             continue
         for name in storage.listdir(storage.join(split_dir, lens)):
             if storage.isdir(storage.join(split_dir, lens, name)):
                 scenes.append(Scene(split_dir, f"{lens}/{name}", float(match.group(1))))
-    return scenes
+            else:
+                unmatched.append(storage.join(split_dir, lens, name))
+    return scenes, unmatched
 
 
 def read_extrinsics(path: str, num_frames: int, camera_numbers: tuple[int, ...] = CAMERAS) -> np.ndarray:

@@ -30,10 +30,18 @@ def _ffmpeg_command(path: str, num_frames: int, height: int, width: int) -> list
     ]  # fmt: skip
 
 
-def read_video(path: str, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Frames (num_frames, height, width, 3) float32 in [-1, 1]; VideoError if short or unreadable."""
+FFMPEG_TIMEOUT_S = 600.0  # a decode that hangs (a broken file, a stalled network mount) fails its scene
+
+
+def read_frames(path: str, num_frames: int, height: int, width: int, timeout_s: float = FFMPEG_TIMEOUT_S) -> np.ndarray:
+    """Frames (num_frames, height, width, 3) uint8 (a quarter of float32's memory while queued for
+    the encoder); VideoError if short, unreadable or still decoding after `timeout_s`."""
     with storage.local_copy(path) as local:  # ffmpeg reads local files (a gs:// video is downloaded)
-        result = subprocess.run(_ffmpeg_command(local, num_frames, height, width), capture_output=True)
+        try:
+            command = _ffmpeg_command(local, num_frames, height, width)
+            result = subprocess.run(command, capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            raise VideoError(f"{path}: ffmpeg still decoding after {timeout_s:g} s (killed)") from e
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip().splitlines()
         raise VideoError(f"{path}: ffmpeg failed: {message[-1] if message else result.returncode}")
@@ -41,8 +49,17 @@ def read_video(path: str, num_frames: int, height: int, width: int) -> np.ndarra
     decoded = len(result.stdout) // frame_bytes
     if decoded < num_frames:
         raise VideoError(f"{path}: has {decoded} frames, {num_frames} needed")
-    frames = np.frombuffer(result.stdout[: num_frames * frame_bytes], np.uint8).reshape(num_frames, height, width, 3)
+    return np.frombuffer(result.stdout[: num_frames * frame_bytes], np.uint8).reshape(num_frames, height, width, 3)
+
+
+def to_model_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames as the VAE takes them: float32 in [-1, 1]."""
     return frames.astype(np.float32) / 127.5 - 1.0
+
+
+def read_video(path: str, num_frames: int, height: int, width: int, timeout_s: float = FFMPEG_TIMEOUT_S) -> np.ndarray:
+    """Frames (num_frames, height, width, 3) float32 in [-1, 1]; VideoError if short or unreadable."""
+    return to_model_range(read_frames(path, num_frames, height, width, timeout_s))
 
 
 def write_video(path: str, frames: np.ndarray) -> None:

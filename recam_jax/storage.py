@@ -80,6 +80,20 @@ def listdir(path) -> list[str]:
     return sorted(basename(entry) for entry in fs.ls(inner, detail=False) if basename(entry))
 
 
+def file_sizes(folder) -> dict[str, int]:
+    """Size of every file below `folder`, by its path relative to it: one recursive listing (on an
+    object store a few paged requests for a whole dataset, instead of one per folder)."""
+    fs, inner = _fs(folder)
+    prefix = inner.rstrip("/") + "/"
+    return {name[len(prefix):]: info["size"] for name, info in fs.find(inner, detail=True).items()
+            if name.startswith(prefix) and info["type"] == "file"}
+
+
+def remove(path) -> None:
+    fs, inner = _fs(path)
+    fs.rm_file(inner)
+
+
 def makedirs(path) -> None:
     """Creates a local folder; a no-op on object stores, where folders are only name prefixes."""
     if not is_remote(path):

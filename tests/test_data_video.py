@@ -43,3 +43,9 @@ def test_unreadable_video_is_an_error_naming_the_file(tmp_path):
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
     with pytest.raises(video.VideoError, match="truncated.mp4"):
         video.read_video(str(path), 5, 16, 16)
+
+
+def test_a_hung_ffmpeg_is_killed_after_its_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "_ffmpeg_command", lambda *args: ["sleep", "30"])  # a decoder that never finishes
+    with pytest.raises(video.VideoError, match=r"hung.mp4: ffmpeg still decoding after 0.5 s"):
+        video.read_frames(str(tmp_path / "hung.mp4"), 5, 16, 16, timeout_s=0.5)
