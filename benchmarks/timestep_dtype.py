@@ -1,6 +1,6 @@
 """How much rounding the timesteps to bfloat16 (as the official ReCamMaster code does) changes sampling.
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/timestep_dtype.py [--variant small --steps 50]
+    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/timestep_dtype.py [--variant small --latent 5,16,16]
 
 A randomly initialised DiT (`dit_config(variant)`, seed 0), float32 compute so that only the
 timesteps differ, samples the same noise, source, caption, negative caption and camera with the
@@ -36,9 +36,9 @@ def dit(variant: str, dtype: str, timestep_dtype: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="small")
-    parser.add_argument("--latent", default="5,16,16", help="frames,height,width of one half's latents")
-    parser.add_argument("--text_len", type=int, default=32)
+    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--latent", default="4,8,8", help="frames,height,width of one half's latents")
+    parser.add_argument("--text_len", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--guidance", type=float, default=5.0)

@@ -63,6 +63,7 @@ def tensorboard_events(folder):
     return events
 
 
+@pytest.mark.slow  # a training run with eval and a sample (trains, compiles the denoising step, decodes)
 def test_demo_run_writes_samples_and_the_camera_gap_to_tensorboard(shards, tmp_path):
     config = demo_config(shards, steps=2)
     config.sample_every, config.sample.steps = 2, 2  # configs/demo.py decodes with the shards' demo VAE
