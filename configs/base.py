@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Attention backend (recam_jax/models/attention.py): splash (TPU kernel), cudnn (GPU), xla
     # (reference; materialises L×L logits), ring / ulysses / ulysses_splash (context parallel).
     c.model.attention = "splash"
+    # Timesteps are rounded to this dtype before the DiT embeds them: the official ReCamMaster
+    # training and inference cast them to bfloat16 (docs/sampling.md measures the difference).
+    c.model.timestep_dtype = "float32"
 
     # PyTorch weights (Wan2.1, diffusers or ReCamMaster layout) or a recam_jax params folder to
     # start from; empty = random init. Camera modules start at their official init when absent.
@@ -126,6 +129,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_every = 5000
     # Validation loss on fixed held-out batches every N steps (0: never).
     c.eval_every = 1000
+    # Samples in TensorBoard every N steps (0: never): held-out scenes re-rendered along their target
+    # cameras, [source | generated | ground truth] (recam_jax/train_samples.py).
+    c.sample_every = 1000
+    c.sample = ml_collections.ConfigDict()
+    # Scenes shown (the first of the first eval batch; rendered in multiples of data × fsdp).
+    c.sample.scenes = 2
+    # Euler steps over the training σ grid, no guidance.
+    c.sample.steps = 10
+    # Centre crop (height, width) of the latents sampled, in latent pixels; 0 keeps the axis whole.
+    c.sample.crop = (0, 0)
+    # Latents to pixels: latents (3 channels as colours, no weights), wan2.1 (with vae_path), demo.
+    c.sample.vae = "latents"
+    c.sample.vae_path = ""
     # Export a ReCamMaster .ckpt every N steps (0: only at the end).
     c.export_every = 0
     # Export the EMA parameters instead of the raw ones (needs ema_decay > 0).

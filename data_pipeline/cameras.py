@@ -47,6 +47,16 @@ def official_c2w(unreal: np.ndarray) -> np.ndarray:
     return c2w
 
 
+def unreal_from_poses(poses: np.ndarray) -> np.ndarray:
+    """Unreal matrices (n, 4, 4) whose `official_c2w` are these poses (n, 12), e.g. a model's camera
+    input: the official conversion undone, so the poses can be drawn (`recam_jax.trajectory_plot`)."""
+    c2w = np.tile(np.eye(4), (len(poses), 1, 1))
+    c2w[:, :3, :] = np.asarray(poses, np.float64).reshape(-1, 3, 4)
+    c2w[:, :3, 1] *= -1.0
+    c2w[:, :3, 3] *= 100.0
+    return np.swapaxes(c2w[..., [2, 0, 1, 3]], -1, -2)
+
+
 def c2w_from_unreal(unreal: np.ndarray) -> np.ndarray:
     """Absolute camera-to-world (..., 4, 4) in a right-handed world: a proper rotation, metres."""
     return _RIGHT_HANDED_WORLD @ official_c2w(unreal)

@@ -62,10 +62,10 @@ def read_video(path: str, num_frames: int, height: int, width: int, timeout_s: f
     return to_model_range(read_frames(path, num_frames, height, width, timeout_s))
 
 
-def write_video(path: str, frames: np.ndarray) -> None:
+def write_video(path: str, frames: np.ndarray, fps: float = 15) -> None:
     """Frames (F, H, W, 3) uint8 as an H.264 mp4, the way the dataset ships its videos."""
     with storage.local_output(path) as local:
-        writer = imageio_ffmpeg.write_frames(local, frames.shape[2:0:-1], fps=15, quality=8, macro_block_size=1)
+        writer = imageio_ffmpeg.write_frames(local, frames.shape[2:0:-1], fps=fps, quality=8, macro_block_size=1)
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))

@@ -16,7 +16,7 @@ with their index) or an orbax folder (anything else), the format the trainer res
 keep their dtype unless `--dtype` is given, and are converted one at a time.
 
 The model record: tensor shapes do not tell the number of attention heads, so every export writes
-the model's config and the training flow shift beside the weights (`read_model_record`): in the
+the model's config, the training flow shift and timestep dtype beside the weights (`read_model_record`): in the
 `.safetensors` header, in `FILE.recam_jax.json` beside a `.ckpt`, in `recam_jax.json` inside a
 folder. A file without one (the official Wan / ReCamMaster releases) must be an official Wan2.1
 size, or be given `--num_heads`.
@@ -142,9 +142,20 @@ SIZES = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_
 
 
 def model_record(cfg: DiTConfig, shift: float | None = None) -> dict:
-    """{"dit": the architecture of `cfg`, "flow_shift": the σ shift it was trained with (None: unknown)}."""
+    """{"dit": the architecture of `cfg`, "flow_shift": the σ shift it was trained with (None: unknown),
+    "timestep_dtype": the dtype its timesteps were rounded to in training (`cfg.timestep_dtype`)}."""
     dit = {field: getattr(cfg, field) for field in ARCHITECTURE}
-    return {"dit": {**dit, "patch_size": list(cfg.patch_size)}, "flow_shift": shift}
+    return {"dit": {**dit, "patch_size": list(cfg.patch_size)}, "flow_shift": shift,
+            "timestep_dtype": cfg.timestep_dtype}
+
+
+def trained_timestep_dtype(record: dict | None) -> str:
+    """The timestep dtype weights were trained with: their record's; bfloat16 without a record (the
+    official releases: ReCamMaster's training casts timesteps to bf16); float32 for a record written
+    before the field existed (recam_jax trained in float32 then)."""
+    if record is None:
+        return "bfloat16"
+    return record["timestep_dtype"] or "float32"
 
 
 def _record_location(path: str) -> str:
@@ -173,9 +184,10 @@ def _parse_record(text: str, source: str) -> dict:
         record = json.loads(text)
         dit = {field: record["dit"][field] for field in ARCHITECTURE}
         shift = record["flow_shift"]
+        timestep_dtype = record.get("timestep_dtype")  # absent from records written before it
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: not a recam_jax model record (missing or bad {e})") from e
-    return {"dit": {**dit, "patch_size": tuple(dit["patch_size"])}, "flow_shift": shift}
+    return {"dit": {**dit, "patch_size": tuple(dit["patch_size"])}, "flow_shift": shift, "timestep_dtype": timestep_dtype}
 
 
 def _write_record(record: dict, location: str) -> None:
@@ -653,6 +665,7 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
         cfg = DiTConfig(**record["dit"])
         tensors = orbax_tensors(storage.absolute(source), cfg)
     shift = record["flow_shift"] if record else None
+    cfg = dataclasses.replace(cfg, timestep_dtype=trained_timestep_dtype(record))  # the record carries it over
     if dtype is not None:
         tensors = _cast(tensors, dtype)
     if _is_torch_path(target):

@@ -1,10 +1,14 @@
-"""Training metrics to stdout, TensorBoard and a JSON-lines file (one record per logged step)."""
+"""Training metrics to stdout, TensorBoard and a JSON-lines file (one record per logged step);
+images and videos (samples, trajectory plots) to TensorBoard."""
 
 from __future__ import annotations
 
 import json
 
+import imageio.v3 as iio
+import numpy as np
 from tensorboardX import SummaryWriter, record_writer
+from tensorboardX.proto.summary_pb2 import Summary
 
 from recam_jax import storage
 
@@ -31,6 +35,25 @@ class MetricWriter:
             self.tensorboard.add_scalar(name, value, step)
         self.jsonl.write((json.dumps({"step": step, **scalars}) + "\n").encode())
         self.jsonl.flush()
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """uint8 RGB images (height, width, 3) by tag."""
+        if self.tensorboard is None:
+            return
+        for tag, image in images.items():
+            self.tensorboard.add_image(tag, image, step, dataformats="HWC")
+        self.tensorboard.flush()
+
+    def write_videos(self, step: int, videos: dict[str, np.ndarray], fps: float) -> None:
+        """uint8 RGB videos (frames, height, width, 3) by tag, as the looping GIFs TensorBoard's image
+        tab plays (what tensorboardX's add_video writes, without its moviepy dependency)."""
+        if self.tensorboard is None:
+            return
+        for tag, frames in videos.items():
+            gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+            image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
+            self.tensorboard.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self.tensorboard.flush()
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -24,7 +24,7 @@ class Goodput:
     """Host seconds by activity since the run's first step ended, turned into metrics at log points:
 
     - `train_step_time_s`: wall time per step since the last log point, less eval, checkpoint,
-      export and sample time (`step_time_s` includes them);
+      export and sample time (`step_time_s` includes all but the sample time);
     - `data_wait_s`: seconds spent waiting for batches since the last log point;
     - `goodput_s`: seconds of training steps since this start (after its first step; neither
       overheads nor data waits), and `goodput`, its fraction of `wall_time_s` (since this start,

@@ -71,13 +71,14 @@ def euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, g
     return x
 
 
-def _run_dit(graphdef, params, *inputs):
-    return nnx.merge(graphdef, params)(*inputs)
+def _run_dit(graphdef, states, *inputs):
+    return nnx.merge(graphdef, *states)(*inputs)
 
 
-def dit_function(graphdef, params):
-    """The DiT as a pytree callable: a jitted step takes the weights as arguments, not constants."""
-    return jax.tree_util.Partial(_run_dit, graphdef, params)
+def dit_function(graphdef, *states):
+    """The DiT as a pytree callable: a jitted step takes the weights (`nnx.split`'s states, as they
+    are sharded) as arguments, not constants."""
+    return jax.tree_util.Partial(_run_dit, graphdef, states)
 
 
 # One denoising step (both guidance branches) as one program.
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", required=True, help="ReCamMaster/Wan PyTorch weights or a recam_jax params folder")
     parser.add_argument("--video", help="source video (or --batch)")
     parser.add_argument("--caption")
-    parser.add_argument("--negative_caption", default="")
+    parser.add_argument("--negative_caption", default=WAN_NEGATIVE_PROMPT,
+                        help="the caption guidance steers away from; default: the official inference's (Wan's)")
     parser.add_argument("--trajectory",
                         help="a camera JSON (MultiCamVideo format), a preset (pan_right, ..., arc_right) or a spec "
                              "like 'pan:30+dolly:1' (see docs/trajectories.md)")
@@ -199,17 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--text_len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (official: 50)")
     parser.add_argument("--shift", type=float, default=None,
                         help="σ shift; default: the one the weights were trained with (their model record), else "
                              f"{OFFICIAL_SHIFT} (the official ReCamMaster/Wan2.1 inference)")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (official: 5)")
+    parser.add_argument("--fps", type=float, default=30, help="frame rate of the written mp4 (official: 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_heads", type=int, default=None,
                         help="DiT heads, only for weights with no model record that are no official Wan2.1 size")
     parser.add_argument("--attention", choices=sorted(BACKENDS), default=None,
                         help=f"attention backend; default by platform: {DEFAULT_ATTENTION}, chunked elsewhere")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the DiT (weights keep theirs)")
+    parser.add_argument("--timestep_dtype", choices=("float32", "bfloat16"), default=None,
+                        help="dtype the timesteps are rounded to; default: the one the weights were trained with "
+                             "(their model record; bfloat16 for the official releases, as their code casts)")
     parser.add_argument("--mesh", default="", help="mesh axis sizes over all devices, e.g. 'tensor=4' or "
                                                    "'fsdp=2,context=2' (context needs --attention ring or ulysses); "
                                                    "default: one device")
@@ -254,7 +260,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.round((frames + 1) * 127.5).clip(0, 255).astype(np.uint8)
 
 
+# The official inference's defaults (../shared/peers/recammaster, docs/sampling.md says where each is set).
 OFFICIAL_SHIFT = 5.0  # ReCamMaster's inference script and Wan2.1's text-to-video default
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 def sampling_shift(asked: float | None, params: str) -> float:
@@ -266,6 +276,11 @@ def sampling_shift(asked: float | None, params: str) -> float:
     return OFFICIAL_SHIFT if recorded is None else recorded
 
 
+def sampling_timestep_dtype(asked: str | None, params: str) -> str:
+    """The dtype timesteps are rounded to: the one asked for, else the one the weights were trained with."""
+    return asked or convert.trained_timestep_dtype(convert.read_model_record(params))
+
+
 def main(argv=None) -> None:
     from data_pipeline import cameras, text_encoder, video, video_encoder
 
@@ -274,7 +289,8 @@ def main(argv=None) -> None:
     devices = jax.devices()
     mesh = sampling_mesh(args.mesh, devices)
     attention = args.attention or default_attention(devices)
-    model = convert.load_any(args.params, num_heads=args.num_heads, dtype=args.dtype, attention=attention, on_host=True)
+    model = convert.load_any(args.params, num_heads=args.num_heads, dtype=args.dtype, attention=attention,
+                             timestep_dtype=sampling_timestep_dtype(args.timestep_dtype, args.params), on_host=True)
     latent_shape = video_encoder.latent_shape(args.num_frames, args.height, args.width, model.cfg.in_dim)
     check_attention_memory(model.cfg, latent_shape, mesh, local_memory_bytes(devices[0]))  # before the long work
     tile = tuple(int(t) for t in args.vae_tile.split(",")) if args.vae_tile else None
@@ -298,12 +314,12 @@ def main(argv=None) -> None:
                                    flow.shifted_sigmas(args.steps, shift), args.guidance,
                                    step=denoise_step, progress=True)
             frames = to_uint8(vae.decode(np.asarray(latents), tile=tile)[0])
-            video.write_video(job["out"], frames)
+            video.write_video(job["out"], frames, args.fps)
             print(f"wrote {job['out']}", flush=True)
             grid_rows.append(np.concatenate([to_uint8(source_video), frames], axis=2))
     if args.batch:
         grid = storage.join(args.out_dir, "grid.mp4")
-        video.write_video(grid, np.concatenate(grid_rows, axis=1))
+        video.write_video(grid, np.concatenate(grid_rows, axis=1), args.fps)
         print(f"wrote {grid}")
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from data_pipeline import loader
-from recam_jax import checkpoint, convert, flops, flow, optim, profiling, sharding, storage
+from recam_jax import checkpoint, convert, flops, flow, optim, profiling, sharding, storage, train_samples
 from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
@@ -58,7 +58,7 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict):
     c = config.model
     return dit_config(c.variant, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, attention=c.attention,
-                      scan_layers=c.scan_layers, text_dim=config.data.text_dim)
+                      scan_layers=c.scan_layers, timestep_dtype=c.timestep_dtype, text_dim=config.data.text_dim)
 
 
 def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
@@ -75,12 +75,14 @@ CHOICES = {
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
     "model.attention": BACKENDS,
+    "model.timestep_dtype": DTYPES,
     "trainable": optim.TRAINABLE_SETS,
     "flow.timestep_sampling": flow.TIMESTEP_SAMPLINGS,
     "flow.loss_weighting": flow.LOSS_WEIGHTINGS,
     "optimizer.schedule": optim.SCHEDULES,
     "data.source": DATA_SOURCES,
     "sharding_rules": sharding.RULE_SETS,
+    "sample.vae": train_samples.DECODERS,
 }
 
 
@@ -428,6 +430,10 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     if config.optimizer.ema_decay:
         eval_fns["_ema"] = jax.jit(functools.partial(eval_fn, use_ema=True))
     add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
+    samples = None
+    if config.sample_every:  # fixed held-out scenes: the first eval batch
+        first_eval_batch = to_global(next(make_data_iterator(config, data_sharding, split="eval")), data_sharding, config)
+        samples = train_samples.TrainingSamples(config, mesh, graphdef, first_eval_batch)
 
     train_flops = flops.train_step_flops(cfg, config.data.latent_shape, config.data.text_len,
                                          config.trainable, config.data.batch_size)
@@ -450,6 +456,7 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         last = step == config.steps
         log_due = step % config.log_every == 0 or last
         eval_due = bool(config.eval_every) and step % config.eval_every == 0
+        sample_due = bool(config.sample_every) and step % config.sample_every == 0
         export_due = bool(config.export_every) and step % config.export_every == 0 or last
         save_due = step % config.checkpoint_every == 0 or last or stop
         if log_due or eval_due or export_due or save_due:
@@ -465,6 +472,9 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         if eval_due:
             with goodput.timing("eval"):
                 writer.write(step, evaluate(config, eval_fns, state, data_sharding))
+        if sample_due:  # logged as sample_time_s; moving the window start keeps it out of step_time_s
+            with goodput.timing("sample"):
+                last_time += samples.write(state, step, writer)
         if export_due:  # before the last save: a crash in between retrains the end rather than skip the export
             with goodput.timing("export"):
                 export(graphdef, state, config, workdir)

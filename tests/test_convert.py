@@ -298,3 +298,16 @@ def test_not_a_dit_checkpoint(tmp_path):
     torch_io.save_state_dict({"encoder.conv1.weight": np.zeros((2, 2), np.float32)}, path)
     with pytest.raises(torch_io.CheckpointError, match="not a Wan2.1 DiT checkpoint"):
         convert.load_pytorch(path)
+
+
+def test_the_timestep_dtype_is_recorded_and_carried_through_conversions(tmp_path):
+    model = trained_tiny_model()
+    model.cfg = dataclasses.replace(model.cfg, timestep_dtype="bfloat16")
+    path = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(model, path)
+    assert convert.read_model_record(path)["timestep_dtype"] == "bfloat16"
+    convert.main([path, str(tmp_path / "params")])
+    assert convert.read_model_record(str(tmp_path / "params"))["timestep_dtype"] == "bfloat16"
+    os.remove(path + convert.RECORD_SUFFIX)  # as the official releases: no record, trained on bf16 timesteps
+    convert.main([path, str(tmp_path / "official.safetensors"), "--num_heads", "4"])
+    assert convert.read_model_record(str(tmp_path / "official.safetensors"))["timestep_dtype"] == "bfloat16"

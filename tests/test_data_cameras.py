@@ -109,3 +109,15 @@ def test_translation_is_converted_from_cm_to_m():
 def test_parse_rejects_a_malformed_matrix():
     with pytest.raises(ValueError, match="4 rows"):
         cameras.parse_unreal_matrix("[1 0 0 0] [0 1 0 0] [0 0 1 0] ")
+
+
+def test_poses_drawn_back_as_unreal_matrices_convert_to_the_same_poses():
+    """`unreal_from_poses` undoes the official conversion, so the plot of a model's camera input is its path."""
+    from recam_jax import trajectory, trajectory_plot
+
+    arc = trajectory.generate("arc_left", 21)
+    poses = cameras.inference_camera(arc)
+    unreal = cameras.unreal_from_poses(poses)
+    np.testing.assert_allclose(cameras.official_c2w(unreal)[:, :3].reshape(-1, 12), poses, atol=1e-6)
+    drawn, expected = trajectory_plot.in_start_frame(unreal), trajectory_plot.in_start_frame(arc[::4])
+    np.testing.assert_allclose(drawn[0], expected[0], atol=1e-5)  # the same path in the first camera's frame

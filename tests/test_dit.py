@@ -190,3 +190,15 @@ def test_save_qkv_under_scan_keeps_the_q_k_v_projections_and_the_block_input(cap
     assert stacked == ["f32[2,1,3,64]"] * 2 + ["f32[2,1,8,64]"] * 5  # cross k, v; q ×2, self k, v, input
     full = saved_residuals(dit_config("tiny", dtype="float32", remat="full"), capsys)
     assert [line.split()[0] for line in full if "output of scan" in line] == ["f32[2,1,8,64]"]  # the input only
+
+
+def test_timesteps_are_rounded_to_the_timestep_dtype():
+    """bf16 holds 996 and 1000 but nothing between: 996.4 and 997.6 both round to 996, as in the official code."""
+    rng = np.random.default_rng(8)
+    latents = jnp.asarray(rng.standard_normal((1, 2, 4, 4, 16)), jnp.float32).repeat(2, axis=0)
+    text = jnp.asarray(rng.standard_normal((1, 7, 32)), jnp.float32).repeat(2, axis=0)  # tiny's text_dim
+    timesteps = jnp.array([996.4, 997.6], jnp.float32)
+    for timestep_dtype, rounded in (("bfloat16", True), ("float32", False)):
+        model = WanDiT(dit_config("tiny", dtype="float32", timestep_dtype=timestep_dtype), rngs=nnx.Rngs(0))
+        out = np.asarray(model(latents, timesteps, text))
+        assert np.array_equal(out[0], out[1]) == rounded

@@ -2,9 +2,12 @@
 
 import json
 import os
+import struct
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from configs import demo
 from data_pipeline import demo_data
@@ -44,3 +47,40 @@ def test_trains_on_prepared_shards_resumes_and_exports(shards, tmp_path):
     assert convert.read_model_record(export)["flow_shift"] == demo_config(shards, 4).flow.shift
     exported = convert.load_pytorch(export, train.model_config(demo_config(shards, 4)))
     assert exported.blocks.cam_encoder.kernel[...].shape[1:] == (12, 64)  # (layers, 12, dim)
+
+
+def tensorboard_events(folder):
+    """Every Event in the TFRecord-framed event files of a TensorBoard folder."""
+    events = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+@pytest.mark.slow  # a training run with eval and a sample (trains, compiles the denoising step, decodes)
+def test_demo_run_writes_samples_and_the_camera_gap_to_tensorboard(shards, tmp_path):
+    config = demo_config(shards, steps=2)
+    config.sample_every, config.sample.steps = 2, 2  # configs/demo.py decodes with the shards' demo VAE
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    events = tensorboard_events(os.path.join(workdir, "tensorboard"))
+    scalars = {v.tag: v.simple_value for e in events for v in e.summary.value if not v.HasField("image")}
+    images = {v.tag: iio.imread(v.image.encoded_image_string, index=None) for e in events for v in e.summary.value
+              if v.HasField("image")}
+    assert np.isfinite(scalars["camera_gap"]) and scalars["sample_time_s"] > 0
+    for scene in range(config.sample.scenes):
+        strip = images[f"samples/scene{scene}/source_generated_target"]  # 3 rows of 5 frames of 32×32
+        assert strip.shape == (3 * 32, 5 * 32, 3)
+        source, generated, target = strip[:32].astype(int), strip[32:64].astype(int), strip[64:].astype(int)
+        assert np.abs(generated - target).mean() > 1 and np.abs(generated - source).mean() > 1  # rendered, not copied
+        video = images[f"samples/scene{scene}/video"]
+        assert video.shape[:3] == (9, 32, 3 * 32)  # every decoded frame, [source | generated | target]
+        gif_error = np.abs(video[0, :, 32:64, :3].astype(int) - generated[:, :32]).mean()
+        assert gif_error < 8  # the first generated frame, up to the GIF's 256-colour palette
+        assert images[f"samples/scene{scene}/trajectory"].ndim == 3

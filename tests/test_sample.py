@@ -3,6 +3,7 @@
 import csv
 import os
 
+import imageio_ffmpeg
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +81,7 @@ def test_cli_renders_a_video_along_a_trajectory(tmp_path, capsys):
     frames = video.read_video(out, 9, 32, 32)
     assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
     assert "3/3" in capsys.readouterr().err  # the progress bar went through every denoising step
+    assert next(imageio_ffmpeg.read_frames(out))["fps"] == 30  # the official inference's frame rate
 
 
 def test_cli_batch_renders_each_row_and_a_grid(tmp_path):
@@ -145,3 +147,28 @@ def test_xla_attention_at_the_official_size_is_refused_naming_the_memory():
     with pytest.raises(ValueError, match=r"12 × 65,520² float32 score matrix: 191\.9 GiB .* 95\.0 GiB of one TPU v5"):
         sample.compile_denoise_step(cfg, mesh, latent_shape, args.text_len,
                                     device_memory_bytes=planner.device_memory(list(mesh.devices.flat)))
+
+
+def test_the_timestep_dtype_comes_from_the_weights_record_unless_asked(tmp_path):
+    """Official releases (no record) were trained on bf16 timesteps; our exports record their own."""
+    trained = str(tmp_path / "trained.ckpt")
+    convert.save_pytorch(WanDiT(dit_config("tiny", timestep_dtype="bfloat16"), rngs=nnx.Rngs(0)), trained)
+    official = str(tmp_path / "official.ckpt")
+    convert.save_pytorch(WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0)), official)
+    os.remove(official + convert.RECORD_SUFFIX)
+    assert sample.sampling_timestep_dtype(None, trained) == "bfloat16"
+    assert sample.sampling_timestep_dtype("float32", trained) == "float32"
+    assert sample.sampling_timestep_dtype(None, official) == "bfloat16"
+    legacy = {**convert.read_model_record(trained), "timestep_dtype": None}  # a record from before the field
+    assert convert.trained_timestep_dtype(legacy) == "float32"
+    convert.save_pytorch(WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0)), trained)
+    assert sample.sampling_timestep_dtype(None, trained) == "float32"
+
+
+def test_the_default_negative_caption_is_the_official_inference_s():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers", "recammaster", "inference_recammaster.py")
+    if not os.path.exists(script):
+        pytest.skip(f"the official ReCamMaster source is not at {script} (../shared/peers is optional)")
+    with open(script, encoding="utf-8") as f:
+        assert f'negative_prompt="{sample.WAN_NEGATIVE_PROMPT}"' in f.read()
+    assert sample.build_parser().parse_args(REQUIRED).negative_caption == sample.WAN_NEGATIVE_PROMPT

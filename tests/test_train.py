@@ -354,6 +354,7 @@ def test_fewer_rows_per_device_than_micro_batches_is_refused_naming_the_field():
     ("flow.loss_weighting", "uniform"), ("flow.timestep_sampling", "logitnormal"), ("trainable", "camera+attn"),
     ("model.remat", "dots"), ("model.attention", "flash"), ("model.variant", "1.3b"), ("model.dtype", "bf16"),
     ("data.source", "tfrecords"), ("sharding_rules", "fsdp"), ("optimizer.schedule", "linear"),
+    ("model.timestep_dtype", "bf16"), ("sample.vae", "wan21"),
 ])
 def test_a_misspelt_choice_is_refused_naming_the_field_and_the_choices(field, value):
     config = tiny_config(**{field: value})

@@ -58,6 +58,9 @@ class DiTConfig:
     # num_layers times); False: a Python list of blocks, unrolled.
     scan_layers: bool = True
     attention: str = "xla"  # a backend of models/attention.py
+    # Timesteps are rounded to this dtype before their sinusoidal features: the official ReCamMaster
+    # code casts them to bfloat16 in training and inference (at 1000, bf16 steps are 4 apart).
+    timestep_dtype: str = "float32"
 
     @property
     def head_dim(self) -> int:
@@ -216,7 +219,7 @@ class WanDiT(nnx.Module):
         if camera is not None and 2 * camera.shape[1] != grid[0]:
             raise ValueError(f"camera has {camera.shape[1]} frames; ReCamMaster takes one pose per target latent "
                              f"frame: half of the {grid[0]} [target ‖ source] latent frames")
-        t_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim))
+        t_emb = self.time_embedding(sinusoidal_embedding(timestep.astype(cfg.timestep_dtype), cfg.freq_dim))
         t_mod = self.time_projection(jax.nn.silu(t_emb)).reshape(-1, 6, cfg.dim)
         context = self.text_embedding(text.astype(cfg.dtype))
         x = self.patch_embedding(latents.astype(cfg.dtype))
