@@ -34,39 +34,41 @@ TIMESTEPS = 1000  # the trainer's timestep grid; eval examples index into it
 
 @dataclasses.dataclass(frozen=True)
 class SceneLocation:
-    """Where one scene's 11 records are: shard number (in this reader) and first record index."""
+    """Where one scene's 11 records are: shard number (in this reader), first record index, and the
+    scene id its shard's index lists there (the records must hold it)."""
 
     shard: int
     first_record: int
+    scene_id: str
 
 
 class ShardReader:
-    """Random access to the records of some shards; files are opened on first use, per process."""
+    """Random access to the records of some shards (their index files checked when opened); record
+    files are opened on first use, per process."""
 
-    def __init__(self, data_dir: str, files: list[str], shapes: schema.Shapes):
+    def __init__(self, data_dir: str, files: dict[str, int], shapes: schema.Shapes):
+        """`files`: shard name -> number of scenes the manifest lists in it."""
         self.data_dir = data_dir
-        self.files = files
+        self.files = list(files)
         self.shapes = shapes
         self.max_record_bytes = shapes.max_record_bytes()
-        self.offsets = [shards.read_json(shards.index_path(data_dir, name))["offsets"] for name in files]
-        self._read_from: set[int] = set()
+        indexes = [shards.read_index(data_dir, name, num_scenes) for name, num_scenes in files.items()]
+        self.offsets = [index["offsets"] for index in indexes]
+        self.scenes = [index["scenes"] for index in indexes]
 
     def read(self, shard: int, record: int) -> bytes:
         """Record `record` of shard `shard` (one ranged read: local or gs://), framing and CRCs checked."""
         path = storage.join(self.data_dir, self.files[shard])
-        where = f"{path} record {record}"
         offsets = self.offsets[shard]
-        if record + 1 >= len(offsets):
-            raise CorruptRecordError(f"{where}: not in the shard's index ({len(offsets) - 1} records)")
-        self._read_from.add(shard)
-        return tfrecord.read_record(path, offsets[record], offsets[record + 1], self.max_record_bytes, where)
-
-    def opened_files(self) -> list[str]:
-        return [self.files[shard] for shard in sorted(self._read_from)]
+        return tfrecord.read_record(path, offsets[record], offsets[record + 1], self.max_record_bytes, f"{path} record {record}")
 
 
 def _where(reader: ShardReader, location: SceneLocation, offset: int) -> str:
     return f"{storage.join(reader.data_dir, reader.files[location.shard])} record {location.first_record + offset}"
+
+
+def _record_name(scene_id: str, camera: int) -> str:
+    return f"{scene_id} cam{camera:02d}" if camera else f"{scene_id} scene record"
 
 
 def open_split(data_dir: str, split: str) -> tuple[ShardReader, list[SceneLocation]]:
@@ -74,10 +76,10 @@ def open_split(data_dir: str, split: str) -> tuple[ShardReader, list[SceneLocati
     manifest = shards.read_json(storage.join(data_dir, shards.MANIFEST))
     if manifest.get("format") != shards.FORMAT:
         raise ValueError(f"{data_dir}/{shards.MANIFEST}: format {manifest.get('format')!r}, expected {shards.FORMAT!r}")
-    scenes = [(entry["file"], k) for entry in manifest["splits"][split]["shards"] for k in range(entry["num_scenes"])]
-    files = sorted({name for name, _ in scenes})
-    reader = ShardReader(data_dir, files, shards.read_shapes(manifest))
-    return reader, [SceneLocation(files.index(name), k * RECORDS_PER_SCENE) for name, k in scenes]
+    entries = manifest["splits"][split]["shards"]
+    reader = ShardReader(data_dir, {entry["file"]: entry["num_scenes"] for entry in entries}, shards.read_shapes(manifest))
+    return reader, [SceneLocation(shard, k * RECORDS_PER_SCENE, scene_id)
+                    for shard, scene_ids in enumerate(reader.scenes) for k, scene_id in enumerate(scene_ids)]
 
 
 class ExampleLoader:
@@ -90,21 +92,20 @@ class ExampleLoader:
         self.skip_corrupt = skip_corrupt
         self.skipped = 0
 
-    def _camera(self, location: SceneLocation, scene_id: str, camera: int) -> dict:
-        where = _where(self.reader, location, camera)
-        record = schema.parse_camera(self.reader.read(location.shard, location.first_record + camera), self.reader.shapes, where)
-        if (record["scene"], record["camera"]) != (scene_id, camera):
-            found = f"{record['scene']} cam{record['camera']:02d}"
-            raise CorruptRecordError(f"{where}: holds {found}, expected {scene_id} cam{camera:02d}")
+    def _record(self, location: SceneLocation, offset: int) -> dict:
+        """Record `offset` of a scene (0: its scene record, 1..10: its cameras), checked to be that one."""
+        where = _where(self.reader, location, offset)
+        data = self.reader.read(location.shard, location.first_record + offset)
+        record = (schema.parse_camera if offset else schema.parse_scene)(data, self.reader.shapes, where)
+        found = (record["scene"], record.get("camera", 0))
+        if found != (location.scene_id, offset):
+            raise CorruptRecordError(f"{where}: holds {_record_name(*found)}, expected {_record_name(location.scene_id, offset)}")
         return record
 
     def load(self, scene: int, target: int, source: int) -> dict[str, np.ndarray]:
         """One example; cameras are numbered 1..10."""
         location = self.scenes[scene]
-        text_record = self.reader.read(location.shard, location.first_record)
-        text = schema.parse_scene(text_record, self.reader.shapes, _where(self.reader, location, 0))
-        target_record = self._camera(location, text["scene"], target)
-        source_record = self._camera(location, text["scene"], source)
+        text, target_record, source_record = (self._record(location, camera) for camera in (0, target, source))
         text_embeds, text_length = pad_text(text["text_embeds"], self.text_len)
         return {
             "target_latents": target_record["latents"].astype(np.float32),
