@@ -30,6 +30,7 @@ from recam_jax import storage
 from recam_jax.batch import rows_of_global_batches
 
 TIMESTEPS = 1000  # the trainer's timestep grid; eval examples index into it
+SKIPPED = "skipped_corrupt"  # with skip_corrupt: a train batch key, corrupt examples dropped before each row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,6 @@ class ExampleLoader:
         self.scenes = scenes
         self.text_len = text_len
         self.skip_corrupt = skip_corrupt
-        self.skipped = 0
 
     def _record(self, location: SceneLocation, offset: int) -> dict:
         """Record `offset` of a scene (0: its scene record, 1..10: its cameras), checked to be that one."""
@@ -115,17 +115,46 @@ class ExampleLoader:
             "camera": cameras.training_camera(source_record["extrinsics"], target_record["extrinsics"]),
         }
 
-    def __call__(self, element: dict) -> dict | None:
-        """grain map: an example, or None (dropped) for a corrupt record when skipping is configured."""
+    def __call__(self, element: dict) -> dict:
+        """grain map: an example, or for a corrupt record, when skipping is configured, a marker
+        `{SKIPPED: 1}` that `CountSkipped` drops and counts."""
         try:
             example = self.load(element["scene"], element["target"], element["source"])
         except CorruptRecordError as e:
             if not self.skip_corrupt:
                 raise
-            self.skipped += 1
-            logging.warning("skipping example %s (%d skipped in this process): %s", element, self.skipped, e)
-            return None
-        return {**example, **{k: np.int32(v) for k, v in element.items() if k in ("timestep_index", "noise_seed")}}
+            logging.warning("skipping example %s: %s", element, e)
+            return {SKIPPED: np.int32(1)}
+        return {**example, **{k: v for k, v in element.items() if k not in ("scene", "target", "source")}}  # eval fields
+
+
+class CountSkipped(grain.IterDataset):
+    """Drops the markers of skipped examples, adding their number to the next example as `SKIPPED`:
+    the count travels with the batches, through worker processes and checkpointed iterators."""
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _CountSkippedIterator(self._parent.__iter__())
+
+
+class _CountSkippedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._pending = 0  # markers seen since the last example
+
+    def __next__(self) -> dict:
+        element = next(self._parent)
+        while element.keys() == {SKIPPED}:
+            self._pending += 1
+            element = next(self._parent)
+        element[SKIPPED], self._pending = np.int32(self._pending), 0
+        return element
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "pending": self._pending}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = state["pending"]
 
 
 def draw_pair(index: int, rng: np.random.Generator) -> dict:
@@ -142,6 +171,8 @@ def _batched(elements: grain.MapDataset, global_batch_size: int, rows, loader: E
     rows = np.arange(global_batch_size) if rows is None else rows
     mine = rows_of_global_batches(elements, global_batch_size, rows).map(loader)
     iterable = mine.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * len(rows)))
+    if loader.skip_corrupt:
+        iterable = CountSkipped(iterable)
     iterable = iterable.batch(len(rows), drop_remainder=True)
     if worker_count > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -161,7 +192,8 @@ def make_train_iterator(
     split: str = "train",
 ) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator of rows `rows` (default: all) of each global
-    training batch of `batch_size`."""
+    training batch of `batch_size`. With `skip_corrupt`, corrupt examples are dropped (logged) and
+    each batch has `SKIPPED`, per row the examples dropped before it in this process."""
     reader, scenes = open_split(data_dir, split)
     pairs = grain.MapDataset.range(len(scenes) * NUM_CAMERAS).shuffle(seed=seed).repeat(None)
     pairs = pairs.random_map(draw_pair, seed=seed)
@@ -176,9 +208,19 @@ def eval_examples(num_scenes: int, pairs_per_scene: int, seed: int) -> list[dict
         rng = np.random.default_rng([seed, scene])
         for target in rng.choice(NUM_CAMERAS, pairs_per_scene, replace=False):
             example = draw_pair(scene * NUM_CAMERAS + target, rng)
-            example.update(timestep_index=int(rng.integers(TIMESTEPS)), noise_seed=int(rng.integers(2**31)))
+            example.update(timestep_index=np.int32(rng.integers(TIMESTEPS)), noise_seed=np.int32(rng.integers(2**31)))
             examples.append(example)
     return examples
+
+
+def padded_to_batches(examples: list[dict], batch_size: int) -> list[dict]:
+    """`examples` with `eval_weight` 1, then weight-0 copies completing the last global batch, so no
+    example is dropped whatever the batch size. The copies are the examples just before that batch
+    (cyclically): its last row is never a copy of its first, whose shuffled camera it provides
+    (`evaluate.camera_sensitivity` rolls the cameras by one)."""
+    start, missing = len(examples) - len(examples) % batch_size, -len(examples) % batch_size
+    padding = [examples[i % len(examples)] for i in range(start - missing, start)]
+    return [{**e, "eval_weight": np.float32(1)} for e in examples] + [{**e, "eval_weight": np.float32(0)} for e in padding]
 
 
 def make_eval_iterator(
@@ -192,11 +234,13 @@ def make_eval_iterator(
     read_threads: int = 4,
     split: str = "val",
 ) -> grain.DatasetIterator:
-    """One pass over fixed held-out examples (with `timestep_index`, `noise_seed`): rows `rows`
-    (default: all) of each complete global batch of `batch_size`."""
+    """One pass over fixed held-out examples (with `timestep_index`, `noise_seed`, `eval_weight`):
+    rows `rows` (default: all) of each global batch of `batch_size`, the last one padded with
+    weight-0 rows (`padded_to_batches`). The weighted examples are the same for any batch size and
+    number of processes, more processes than held-out scenes included."""
     reader, scenes = open_split(data_dir, split)
-    examples = eval_examples(len(scenes), pairs_per_scene, seed)
-    if len(examples) < batch_size:
-        raise ValueError(f"{data_dir}: {len(examples)} {split} examples, fewer than one batch of {batch_size}")
+    if not scenes:
+        raise ValueError(f"{data_dir}: no {split} scenes to evaluate")
+    examples = padded_to_batches(eval_examples(len(scenes), pairs_per_scene, seed), batch_size)
     return _batched(grain.MapDataset.source(examples), batch_size, rows,
                     ExampleLoader(reader, scenes, text_len, skip_corrupt=False), read_threads, worker_count=0)
