@@ -151,3 +151,34 @@ def test_strict_mode_raises_on_the_first_broken_scene(dataset, tmp_path):
     strict = prepare.PrepareConfig(**{**config.__dict__, "output_dir": str(tmp_path), "strict": True})
     with pytest.raises(ValueError, match="scene"):
         prepare.prepare(strict, encode_video, encode_text)
+
+
+class _NaNForSceneTwo:
+    """A video encoder gone wrong on one scene: NaN latents for f24_aperture5/scene2's cameras."""
+
+    latent_channels, identity = 16, "nan-on-scene2"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, videos):
+        self.calls += 1
+        latents = np.zeros((len(videos), *video_encoder.latent_shape(*videos.shape[1:4], 16)[:3], 16))
+        return latents if self.calls != 2 else latents + np.nan
+
+
+class _ConstantText:
+    text_dim, max_len, identity = 8, 16, "constant"
+
+    def __call__(self, caption):
+        return np.ones((3, self.text_dim))
+
+
+def test_non_finite_latents_are_never_written(tmp_path):
+    root = str(tmp_path)
+    demo_data.write_dataset(root, 2, FRAMES, HEIGHT, WIDTH)
+    config = prepare.PrepareConfig(root, os.path.join(root, "out"), num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+                                   num_val_scenes=0, encode_batch=10, strict=True)
+    with pytest.raises(ValueError, match=r"f24_aperture5/scene2 cam01: latents holds NaN or inf; the record is not written"):
+        prepare.prepare(config, _NaNForSceneTwo(), _ConstantText())
+    assert not [name for name in os.listdir(config.output_dir) if name.endswith(".tfrecord") or name.endswith(".json")]
