@@ -19,7 +19,8 @@ if (($# == 0)); then  # the test files that exercise each module directly and ru
   case $module in
     cameras) set -- tests/test_data_cameras.py ;;
     tfrecord) set -- tests/test_data_tfrecord.py ;;
-    shards | loader) set -- tests/test_data_loader.py ;;
+    shards) set -- tests/test_data_shards.py tests/test_data_loader.py -k "not worker" ;;
+    loader) set -- tests/test_data_loader.py -k "not worker" ;;  # all but the 20 s worker-process test
     *) echo "no default tests for $module: pass the test files after the module name" >&2; exit 2 ;;
   esac
 fi

@@ -322,3 +322,21 @@ def test_worker_processes_give_the_same_batches_and_resume(data_dir):
     resumed = make(1)
     resumed.set_state(state)
     _assert_same(_take(resumed, 3), expected[3:])
+
+
+def test_manifest_describes_the_shards(data_dir):
+    manifest = shards.read_json(os.path.join(data_dir, shards.MANIFEST))
+    assert manifest == {
+        "format": shards.FORMAT,
+        "shapes": {"latent_shape": list(SHAPES.latent_shape), "video_frames": FRAMES, "text_dim": 32, "max_text_len": TEXT_LEN},
+        "dtypes": {"latents": "bfloat16", "text_embeds": "bfloat16", "extrinsics": "float64"},
+        "encoders": {"video": "random", "text": "random"},
+        "settings": {},
+        "splits": {
+            "train": {"num_scenes": 6, "num_skipped": 0, "num_default_caption": 0,
+                      "shards": [{"file": f"train-0000{k}.tfrecord", "num_scenes": 2} for k in range(3)]},
+            "val": {"num_scenes": 2, "num_skipped": 0, "num_default_caption": 0,
+                    "shards": [{"file": "val-00000.tfrecord", "num_scenes": 2}]},
+        },
+    }
+    assert shards.read_shapes(manifest) == SHAPES
