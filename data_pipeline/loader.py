@@ -137,24 +137,17 @@ class CountSkipped(grain.IterDataset):
 
 
 class _CountSkippedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
-        self._pending = 0  # markers seen since the last example
-
     def __next__(self) -> dict:
-        element = next(self._parent)
+        skipped, element = 0, next(self._parent)
         while element.keys() == {SKIPPED}:
-            self._pending += 1
-            element = next(self._parent)
-        element[SKIPPED], self._pending = np.int32(self._pending), 0
-        return element
+            skipped, element = skipped + 1, next(self._parent)
+        return {**element, SKIPPED: np.int32(skipped)}
 
     def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "pending": self._pending}
+        return self._parent.get_state()  # between elements no marker is pending
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self._pending = state["pending"]
+        self._parent.set_state(state)
 
 
 def draw_pair(index: int, rng: np.random.Generator) -> dict:

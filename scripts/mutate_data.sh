@@ -44,6 +44,7 @@ done
   for arg in "$@"; do echo "    $arg"; done
   echo "pytest_add_cli_args = -n 0"  # pytest.ini adds -n 2, so xdist stays loaded, with no workers
   echo "use_git_change_detection = false"
+  echo "timeout_multiplier = 4"  # a mutant that hangs (an endless iterator) costs 4x the tests, not 15x
 } >"$work/setup.cfg"
 
 cd "$work"

@@ -4,6 +4,7 @@ import itertools
 import os
 import shutil
 
+import grain
 import numpy as np
 import pytest
 from absl import flags
@@ -208,6 +209,8 @@ def test_a_record_of_another_scene_is_refused(data_dir, tmp_path):
     with pytest.raises(CorruptRecordError, match=rf"train-00000.tfrecord record 0: holds {scenes[1].scene_id} scene record, "
                                                  rf"expected {scenes[0].scene_id} scene record"):
         loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False).load(0, 2, 3)
+    with pytest.raises(CorruptRecordError, match=rf"record 14: holds {scenes[0].scene_id} cam03, expected {scenes[1].scene_id} cam03"):
+        loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False)._record(scenes[1], 3)
 
 
 def test_nan_latents_are_refused_at_load_naming_shard_and_record(data_dir, tmp_path):
@@ -280,6 +283,48 @@ def test_eval_examples_are_fixed_and_do_not_depend_on_the_process_count_or_batch
     by_three = _eval_pass(data_dir, 3)
     assert len(by_three) == 2 and by_three[1]["eval_weight"].tolist() == [1, 0, 0]
     _assert_same([_weighted_rows(by_three)], [examples])
+    # The padding copies the examples just before the last batch (1 and 2, before example 3).
+    np.testing.assert_array_equal(by_three[1]["noise_seed"][1:], examples["noise_seed"][1:3])
+
+
+def test_eval_draws_distinct_targets_per_scene_and_spread_noise_seeds():
+    examples = loader.eval_examples(num_scenes=5, pairs_per_scene=10, seed=0)
+    for scene in range(5):
+        assert sorted(e["target"] for e in examples if e["scene"] == scene) == list(multicam.CAMERAS)
+    assert [e["scene"] for e in examples] == [scene for scene in range(5) for _ in range(10)]
+    seeds = [int(e["noise_seed"]) for e in examples]
+    assert all(0 <= seed < 2**31 for seed in seeds) and max(seeds) > 2**24  # the whole int32 range is drawn from
+
+
+def test_eval_without_held_out_scenes_says_so(tmp_path):
+    folder = write_shards(str(tmp_path), {"train": 2, "val": 0})
+    with pytest.raises(ValueError, match=r"no val scenes to evaluate"):
+        _eval_pass(folder, 2)
+
+
+def test_eval_never_skips_a_corrupt_record(data_dir, tmp_path):
+    out = str(tmp_path / "corrupt_val")
+    shutil.copytree(data_dir, out)
+    offsets = shards.read_json(shards.index_path(out, "val-00000.tfrecord"))["offsets"]
+    with open(os.path.join(out, "val-00000.tfrecord"), "r+b") as f:
+        f.seek(offsets[0] + 40)
+        byte = f.read(1)
+        f.seek(offsets[0] + 40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptRecordError, match=r"val-00000.tfrecord record 0: data CRC mismatch"):
+        _eval_pass(out, 2)
+
+
+def test_count_skipped_adds_each_run_of_markers_to_the_next_example_and_resumes():
+    marker = {loader.SKIPPED: 1}
+    elements = [marker, marker, {"x": 1}, {"x": 2}, marker, {"x": 3}]
+    counted = lambda: iter(loader.CountSkipped(grain.MapDataset.source(elements).to_iter_dataset()))
+    assert [(e["x"], e[loader.SKIPPED]) for e in counted()] == [(1, 2), (2, 0), (3, 1)]
+    iterator = counted()
+    next(iterator)
+    resumed = counted()
+    resumed.set_state(iterator.get_state())
+    assert [(e["x"], e[loader.SKIPPED]) for e in resumed] == [(2, 0), (3, 1)]
 
 
 def test_three_processes_evaluate_one_held_out_scene(tmp_path):
