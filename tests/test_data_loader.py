@@ -147,11 +147,14 @@ def test_corrupt_record_error_names_shard_and_record(corrupt_dir):
         next(iterator)
 
 
-def test_corrupt_records_can_be_skipped_are_never_fed_and_are_counted(data_dir, corrupt_dir):
+def test_corrupt_records_can_be_skipped_are_never_fed_and_are_counted(data_dir, corrupt_dir, caplog):
     reader, scenes = loader.open_split(corrupt_dir, "train")
     example_loader = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=True)
     results = [example_loader({"scene": 0, "target": t, "source": 1 + t % 10}) for t in range(1, 11)]
     assert [t for t, r in zip(range(1, 11), results) if r == {loader.SKIPPED: 1}] == [4, 5]  # camera 5 as source, target
+    assert [r.getMessage() for r in caplog.records][-1].endswith(
+        "skipping example {'scene': 0, 'target': 5, 'source': 6}: "
+        f"{os.path.join(corrupt_dir, 'train-00000.tfrecord')} record 5: data CRC mismatch")
     make = lambda folder: loader.make_train_iterator(folder, batch_size=1, text_len=TEXT_LEN, seed=0, skip_corrupt=True)
     clean = _take(make(data_dir), TRAIN_SCENES * 10)
     position = 0
