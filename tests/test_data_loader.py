@@ -388,3 +388,11 @@ def test_manifest_describes_the_shards(data_dir):
         },
     }
     assert shards.read_shapes(manifest) == SHAPES
+
+
+def test_a_manifest_of_another_format_is_refused(data_dir, tmp_path):
+    out = str(tmp_path / "format")
+    shutil.copytree(data_dir, out)
+    _rewrite_json(os.path.join(out, shards.MANIFEST), lambda manifest: manifest.__setitem__("format", "v0"))
+    with pytest.raises(ValueError, match=rf"{out}/manifest.json: format 'v0', expected '{shards.FORMAT}'"):
+        loader.open_split(out, "train")
