@@ -372,8 +372,9 @@ def test_worker_processes_give_the_same_batches_and_resume(data_dir):
     _assert_same(_take(resumed, 3), expected[3:])
 
 
-def test_manifest_describes_the_shards(data_dir):
-    manifest = shards.read_json(os.path.join(data_dir, shards.MANIFEST))
+def test_manifest_describes_the_shards(tmp_path):
+    folder = write_shards(str(tmp_path), {"train": TRAIN_SCENES, "val": 2})  # not the shared fixture: mutmut
+    manifest = shards.read_json(os.path.join(folder, shards.MANIFEST))       # credits a fixture's calls to one test
     assert manifest == {
         "format": shards.FORMAT,
         "shapes": {"latent_shape": list(SHAPES.latent_shape), "video_frames": FRAMES, "text_dim": 32, "max_text_len": TEXT_LEN},
