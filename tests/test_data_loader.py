@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 import shutil
 
 import grain
@@ -237,7 +238,7 @@ def test_nan_latents_are_refused_at_load_naming_shard_and_record(data_dir, tmp_p
             writer.write(record)
     _rewrite_json(shards.index_path(out, name), lambda index: index.__setitem__("offsets", writer.offsets))
     reader, scenes = loader.open_split(out, "train")
-    with pytest.raises(CorruptRecordError, match=rf"{name} record {first + 7}: 'latents' holds NaN or inf"):
+    with pytest.raises(CorruptRecordError, match=rf"^{re.escape(os.path.join(out, name))} record {first + 7}: 'latents' holds NaN or inf"):
         loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False).load(2, 7, 1)
 
 
