@@ -7,7 +7,8 @@ the camera input on the fly (cameras.training_camera), casts bfloat16 to float32
 text to `text_len`. Every process walks the same global order and reads only its `rows` of each
 global batch (`recam_jax.batch.rows_of_global_batches`; the trainer passes the rows its devices
 hold), so a global batch is the same for any number of processes; shards are opened on first read.
-Reads go through the stored record offsets, with CRC and shape checks.
+Reads go through the stored record offsets (index files checked when a split is opened), with CRC,
+shape, finiteness and which-scene checks.
 
     it = make_train_iterator(data_dir, batch_size=4, text_len=512, seed=0, rows=[0, 1])
     batch = next(it); state = it.get_state(); ...; it.set_state(state)
