@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.eval_pairs_per_scene = 2
     # Data-loading worker processes per host (0: read in the main process with threads).
     c.data.worker_count = 0
+    # A corrupt example (CRC, shape, NaN, wrong scene; tfrecord source): stop (False) or drop it, log
+    # it and count it in the metrics' `skipped_corrupt` (True).
+    c.data.skip_corrupt = False
     # Examples in the synthetic dataset (its eval split has as many, held out).
     c.data.synthetic_examples = 1024
 

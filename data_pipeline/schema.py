@@ -23,7 +23,8 @@ A shard holds whole scenes; each scene is 1 + 10 consecutive records:
 One record per camera (not per scene) because an example uses 2 of the 10 cameras: it reads the
 two camera records and the scene's text record, about 1.0x the bytes it uses (a whole-scene record
 would read 5x). Decoding checks every key, type and shape against the manifest's `Shapes` before
-touching the payload, so a corrupt or hostile record is rejected with its shard and index.
+touching the payload, so a corrupt or hostile record is rejected with its shard and index; arrays
+holding NaN or inf are refused both when a record is written and when it is read.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ class Shapes:
         return max(latents, text) + self.video_frames * 16 * EXTRINSICS_DTYPE.itemsize + _PROTO_SLACK_BYTES
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite: one float64 sum (NaN and inf propagate through it), no mask."""
+    return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+
+
+def _finite(array: np.ndarray, key: str, where: str) -> np.ndarray:
+    """`array` as a record writes it; ValueError naming the record and key when it holds NaN or inf."""
+    if not all_finite(array):
+        raise ValueError(f"{where}: {key} holds NaN or inf; the record is not written")
+    return array
+
+
 def _set_bytes(example, key: str, value: bytes) -> None:
     example.features.feature[key].bytes_list.value.append(value)
 
@@ -77,7 +90,8 @@ def scene_record(scene_id: str, caption: str, text_embeds: np.ndarray) -> bytes:
     _set_bytes(example, "kind", b"scene")
     _set_bytes(example, "scene", scene_id.encode())
     _set_bytes(example, "caption", caption.encode())
-    _set_bytes(example, "text_embeds", np.asarray(text_embeds, TEXT_DTYPE).tobytes())
+    text_embeds = _finite(np.asarray(text_embeds, TEXT_DTYPE), "text_embeds", f"{scene_id} scene record")
+    _set_bytes(example, "text_embeds", text_embeds.tobytes())
     _set_ints(example, "text_shape", text_embeds.shape)
     return example.SerializeToString()
 
@@ -90,9 +104,10 @@ def camera_record(
     _set_bytes(example, "kind", b"camera")
     _set_bytes(example, "scene", scene_id.encode())
     _set_ints(example, "camera", [camera])
-    _set_bytes(example, "latents", np.asarray(latents, LATENT_DTYPE).tobytes())
+    where = f"{scene_id} cam{camera:02d}"
+    _set_bytes(example, "latents", _finite(np.asarray(latents, LATENT_DTYPE), "latents", where).tobytes())
     _set_ints(example, "latents_shape", latents.shape)
-    _set_bytes(example, "extrinsics", np.asarray(extrinsics, EXTRINSICS_DTYPE).tobytes())
+    _set_bytes(example, "extrinsics", _finite(np.asarray(extrinsics, EXTRINSICS_DTYPE), "extrinsics", where).tobytes())
     _set_floats(example, "focal_length_mm", [focal_length_mm])
     _set_floats(example, "sensor_size_mm", [sensor_size_mm, sensor_size_mm])
     return example.SerializeToString()
@@ -134,12 +149,15 @@ class _Fields:
         return tuple(self._get(key, "float_list").float_list.value)
 
     def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A bytes feature viewed as `shape`, after checking its size matches (no copy)."""
+        """A bytes feature viewed as `shape` (no copy), after checking its size, and that it is finite."""
         raw = self.bytes(key)
         expected = int(np.prod(shape)) * dtype.itemsize
         if len(raw) != expected:
             raise CorruptRecordError(f"{self.where}: {key!r} has {len(raw)} bytes, shape {shape} needs {expected}")
-        return np.frombuffer(raw, dtype).reshape(shape)
+        array = np.frombuffer(raw, dtype).reshape(shape)
+        if not all_finite(array):
+            raise CorruptRecordError(f"{self.where}: {key!r} holds NaN or inf")
+        return array
 
     def expect(self, key: str, value: bytes) -> None:
         if self.bytes(key) != value:

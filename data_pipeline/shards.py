@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from data_pipeline.schema import Shapes
+from data_pipeline.schema import RECORDS_PER_SCENE, Shapes
+from data_pipeline.tfrecord import FRAMING_BYTES
 from recam_jax import storage
 
 MANIFEST = "manifest.json"
@@ -31,6 +32,26 @@ def index_path(directory: str, name: str) -> str:
 
 write_json_atomically = storage.write_json  # readers see all of it or nothing
 read_json = storage.read_json
+
+
+def read_index(directory: str, name: str, num_scenes: int) -> dict:
+    """A shard's index file, checked against the manifest's scene count before any record is read:
+    one offset per record plus the end, from 0, each record at least its framing long."""
+    path = index_path(directory, name)
+    index = read_json(path)
+    scenes, offsets = index.get("scenes"), index.get("offsets")
+    if not isinstance(scenes, list) or len(scenes) != num_scenes:
+        raise ValueError(f"{path}: {len(scenes) if isinstance(scenes, list) else 'no'} scenes, the manifest says {num_scenes}")
+    expected = num_scenes * RECORDS_PER_SCENE + 1
+    if not isinstance(offsets, list) or len(offsets) != expected or not all(type(o) is int for o in offsets):
+        raise ValueError(f"{path}: 'offsets' must be {expected} integers ({num_scenes} scenes x {RECORDS_PER_SCENE} records + the end)")
+    if offsets[0] != 0:
+        raise ValueError(f"{path}: offsets[0] is {offsets[0]}, not 0")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1] + FRAMING_BYTES:
+            raise ValueError(f"{path}: offsets[{i}] = {offsets[i]} is not past offsets[{i - 1}] = {offsets[i - 1]} "
+                             f"by a record's framing ({FRAMING_BYTES} bytes): the index is not monotonic")
+    return index
 
 
 def write_manifest(directory: str, shapes: Shapes, encoders: dict, splits: dict[str, list[str]], settings: dict) -> None:

@@ -27,23 +27,30 @@ from recam_jax import flow
 
 
 def fixed_noise_loss(model, batch: dict, flow_cfg: flow.FlowConfig) -> jax.Array:
-    """Validation loss at each example's fixed timestep and noise seed: comparable across runs."""
+    """Validation loss of each example at its fixed timestep and noise seed: comparable across runs."""
     keys = jax.vmap(jax.random.key)(batch["noise_seed"])
     grid = jnp.asarray(flow.shifted_sigmas(flow.NUM_TRAIN_TIMESTEPS, flow_cfg.shift), jnp.float32)
-    return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[0]
+    return flow.flow_loss(model, keys, batch, flow_cfg, sigma=grid[batch["timestep_index"]])[1]["per_example"]
 
 
 def camera_sensitivity(model, batch: dict, flow_cfg: flow.FlowConfig) -> dict[str, jax.Array]:
-    """The fixed-noise loss with the true cameras and with the batch's cameras rolled by one, and the gap."""
+    """The fixed-noise loss with the true cameras and with the batch's cameras rolled by one, and the gap:
+    means over the examples weighted by `eval_weight` (0 for rows that only pad the last batch of an
+    eval pass; all 1 when absent), and `eval_examples`, the weights' sum, for `mean_metrics`."""
+    weight = batch.get("eval_weight", jnp.ones(len(batch["camera"]), jnp.float32))
     true = fixed_noise_loss(model, batch, flow_cfg)
     shuffled = fixed_noise_loss(model, {**batch, "camera": jnp.roll(batch["camera"], 1, axis=0)}, flow_cfg)
-    return {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true}
+    true, shuffled = (jnp.sum(weight * losses) / jnp.sum(weight) for losses in (true, shuffled))
+    return {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true,
+            "eval_examples": jnp.sum(weight)}
 
 
 def mean_metrics(per_batch: list[dict]) -> dict[str, float]:
-    """The mean of each metric over batches."""
+    """The mean of each metric over the examples of all batches (batch means weighted by `eval_examples`)."""
     per_batch = jax.device_get(per_batch)
-    return {name: float(np.mean([m[name] for m in per_batch])) for name in per_batch[0]}
+    counts = np.array([m["eval_examples"] for m in per_batch], np.float64)
+    return {name: float(np.dot(counts, [m[name] for m in per_batch]) / counts.sum())
+            for name in per_batch[0] if name != "eval_examples"}
 
 
 def evaluate(model, batches, flow_cfg: flow.FlowConfig) -> dict[str, float]:

@@ -277,7 +277,7 @@ def make_data_iterator(config, data_sharding: NamedSharding, *, split: str = "tr
                                              pairs_per_scene=config.data.eval_pairs_per_scene)
         return loader.make_train_iterator(config.data.path, batch_size=config.data.batch_size, rows=rows,
                                           text_len=config.data.text_len, seed=config.seed,
-                                          worker_count=config.data.worker_count)
+                                          worker_count=config.data.worker_count, skip_corrupt=config.data.skip_corrupt)
     raise ValueError(f"data.source={config.data.source!r} is not 'synthetic' or 'tfrecord'")
 
 
@@ -441,9 +441,12 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
     start_step, last_log, last_time = int(state.step), int(state.step), time.perf_counter()
     breakdown = None  # the loss by task and σ bucket, summed on the device since the last log
     profiler = profiling.Profiler(workdir, config.profile_from_step, config.profile_steps, config.steps)
+    skipped_corrupt = 0  # examples this process's loader dropped since it started (data.skip_corrupt)
     for step in range(start_step + 1, config.steps + 1):
         with goodput.timing("data_wait"):
-            batch = to_global(next(data_iterator), data_sharding, config)
+            batch = next(data_iterator)
+        skipped_corrupt += int(np.sum(batch.pop(loader.SKIPPED, 0)))
+        batch = to_global(batch, data_sharding, config)
         profiler.before_step(step)
         with jax.transfer_guard("disallow"):
             state, metrics = compiled(state, batch)
@@ -468,7 +471,8 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
             seconds = elapsed / (step - last_log)
             last_log, breakdown = step, None
             writer.write(step, {**_scalars(metrics, seconds, config, train_flops, tokens_per_example),
-                                **flow.breakdown_means(sums), **goodput.metrics(step)})
+                                **flow.breakdown_means(sums), **goodput.metrics(step),
+                                "skipped_corrupt": skipped_corrupt})
         if eval_due:
             with goodput.timing("eval"):
                 writer.write(step, evaluate(config, eval_fns, state, data_sharding))

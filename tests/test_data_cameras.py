@@ -109,6 +109,17 @@ def test_translation_is_converted_from_cm_to_m():
 def test_parse_rejects_a_malformed_matrix():
     with pytest.raises(ValueError, match="4 rows"):
         cameras.parse_unreal_matrix("[1 0 0 0] [0 1 0 0] [0 0 1 0] ")
+    with pytest.raises(ValueError, match="expected a matrix string, got None"):
+        cameras.parse_unreal_matrix(None)
+
+
+def test_matrix_strings_round_trip_as_float64_to_six_digits():
+    pose = demo_data.camera_path(9, 5)[3]
+    text = cameras.unreal_string(pose)
+    assert text.startswith("[") and text.endswith("] ") and text.count("] [") == 3  # MultiCamVideo's spelling
+    parsed = cameras.parse_unreal_matrix(text)
+    assert parsed.dtype == np.float64
+    np.testing.assert_allclose(parsed, pose, rtol=1e-5, atol=1e-5)
 
 
 def test_poses_drawn_back_as_unreal_matrices_convert_to_the_same_poses():

@@ -346,3 +346,35 @@ def test_the_video_encoder_splits_a_batch_over_local_devices():
     parallel = video_encoder.make_video_encoder("demo", devices=jax.local_devices()[:4])
     assert all(len(w.sharding.device_set) == 4 for w in jax.tree.leaves(nnx.state(parallel._vae)))  # replicated weights
     np.testing.assert_allclose(parallel(videos), video_encoder.make_video_encoder("demo")(videos), rtol=1e-5, atol=1e-5)
+
+
+class _NaNForSceneTwo:
+    """A video encoder gone wrong on one scene: NaN latents for f24_aperture5/scene2's cameras."""
+
+    latent_channels, identity = 16, "nan-on-scene2"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, videos):
+        self.calls += 1
+        latents = np.zeros((len(videos), *video_encoder.latent_shape(*videos.shape[1:4], 16)[:3], 16))
+        return latents if self.calls != 2 else latents + np.nan
+
+
+class _ConstantText:
+    text_dim, max_len, identity = 8, 16, "constant"
+
+    def __call__(self, caption):
+        return np.ones((3, self.text_dim))
+
+
+def test_non_finite_latents_are_never_written(tmp_path):
+    root = str(tmp_path)
+    demo_data.write_dataset(root, 2, FRAMES, HEIGHT, WIDTH)
+    config = prepare.PrepareConfig(root, os.path.join(root, "out"), num_frames=FRAMES, height=HEIGHT, width=WIDTH,
+                                   num_val_scenes=0, encode_batch=10, strict=True)
+    with pytest.raises(ValueError, match=r"f24_aperture5/scene2 cam01: latents holds NaN or inf; the record is not written"):
+        prepare.prepare(config, _NaNForSceneTwo(), _ConstantText())
+    assert not [name for name in os.listdir(config.output_dir)
+                if name.endswith((".tfrecord", ".index.json")) or name == shards.MANIFEST]

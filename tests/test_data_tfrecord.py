@@ -59,10 +59,26 @@ def test_truncated_shard_is_named(shard):
     path, _, offsets = shard
     with open(path, "r+b") as f:
         f.truncate(offsets[-1] - 10)
-    with pytest.raises(CorruptRecordError, match=r"train-00000.tfrecord record 4: truncated"):
+    span = offsets[5] - offsets[4]
+    with pytest.raises(CorruptRecordError, match=rf"train-00000.tfrecord record 4: truncated \({span - 10} of {span} bytes\)"):
         _read_all(path, offsets)
     with pytest.raises(CorruptRecordError, match=r"record 4: declared length"):
         tfrecord.scan_offsets(path, LIMIT)
+    with open(path, "r+b") as f:
+        f.truncate(offsets[4] + 5)
+    with pytest.raises(CorruptRecordError, match=r"record 4: truncated header \(5 of 12 bytes\)"):
+        tfrecord.scan_offsets(path, LIMIT)
+
+
+def test_records_exactly_at_the_size_limit_are_read(shard):
+    """The limits are inclusive: a record of max_record_bytes is read (at any offset) and scanned."""
+    path, records, offsets = shard
+    for i, record in enumerate(records):
+        assert tfrecord.read_record(path, offsets[i], offsets[i + 1], len(record), f"record {i}") == record
+    biggest = max(len(record) for record in records)
+    assert tfrecord.scan_offsets(path, biggest) == offsets
+    with pytest.raises(CorruptRecordError, match="past the limit"):
+        tfrecord.scan_offsets(path, biggest - 1)
 
 
 def test_hostile_length_field_is_rejected_before_allocating(shard):
@@ -72,11 +88,21 @@ def test_hostile_length_field_is_rejected_before_allocating(shard):
     tracemalloc.start()
     with pytest.raises(CorruptRecordError, match=r"record 2: declared length 1152921504606846976"):
         tfrecord.scan_offsets(path, LIMIT)
-    with pytest.raises(CorruptRecordError, match=r"record 2: declared length .* disagrees with the index"):
+    indexed = offsets[3] - offsets[2] - tfrecord.FRAMING_BYTES
+    with pytest.raises(CorruptRecordError, match=rf"record 2: declared length {1 << 60} disagrees with the index \({indexed}\)"):
         _read_all(path, offsets)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < LIMIT
+
+
+def test_length_field_with_the_top_bit_set_is_unsigned(shard):
+    """A length is uint64: 2**64 - 1 is far past the limit, not -1 (which would step backwards)."""
+    path, _, offsets = shard
+    length = struct.pack("<Q", 2**64 - 1)
+    _patch(path, offsets[2], length + struct.pack("<I", tfrecord.masked_crc(length)))
+    with pytest.raises(CorruptRecordError, match=rf"record 2: declared length {2**64 - 1} is past the limit"):
+        tfrecord.scan_offsets(path, LIMIT)
 
 
 def test_corrupt_length_crc_is_named(shard):
@@ -84,12 +110,14 @@ def test_corrupt_length_crc_is_named(shard):
     _patch(path, offsets[1] + 8, b"\x00\x00\x00\x00")
     with pytest.raises(CorruptRecordError, match=r"record 1: length CRC mismatch"):
         tfrecord.scan_offsets(path, LIMIT)
+    with pytest.raises(CorruptRecordError, match=r"train-00000.tfrecord record 1: length CRC mismatch"):
+        _read_all(path, offsets)
 
 
 def test_oversized_index_span_is_refused_unread(shard):
     path, _, offsets = shard
-    with pytest.raises(CorruptRecordError, match="exceeds the limit"):
-        tfrecord.read_record(path, 0, 1 << 40, LIMIT, f"{path} record 0")
+    with pytest.raises(CorruptRecordError, match=rf"record 1: indexed size {1 << 40} exceeds the limit {LIMIT}"):
+        tfrecord.read_record(path, offsets[1], offsets[1] + (1 << 40), LIMIT, f"{path} record 1")
 
 
 def test_tensorflow_written_file_reads_back_and_our_writer_writes_the_same_bytes(tmp_path):

@@ -29,6 +29,7 @@ def demo_config(path, steps):
     config.data.latent_shape = (3, 4, 4, 16)  # 9 frames of 32×32 through the VAE
     config.data.batch_size = 8  # one example per (fake) device
     config.data.eval_pairs_per_scene = 4  # 2 held-out scenes × 4 pairs: one eval batch
+    config.data.skip_corrupt = True  # batches carry skip counts, which the trainer logs and keeps from the step
     config.steps, config.log_every, config.eval_every, config.checkpoint_every = steps, 1, 2, 2
     return config
 
@@ -41,6 +42,7 @@ def test_trains_on_prepared_shards_resumes_and_exports(shards, tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["skipped_corrupt"] == 0 for r in records if "loss" in r)
     evals = [r for r in records if "eval_loss" in r]
     assert evals and all(np.isfinite(r["eval_loss"]) and np.isfinite(r["camera_gap"]) for r in evals)
     export = os.path.join(workdir, "exports", "recammaster_step4.ckpt")

@@ -55,3 +55,16 @@ def test_cli_prints_the_gap_over_prepared_shards(tmp_path, capsys):
     assert np.isfinite(values["eval_loss"]) and abs(values["camera_gap"]) > 1e-3
     # Printed to 6 significant digits: the difference of two printed losses is good to about 1e-5.
     assert values["camera_gap"] == pytest.approx(values["eval_loss_shuffled_cameras"] - values["eval_loss"], abs=2e-5)
+
+
+def test_eval_loss_is_the_mean_over_examples_whatever_the_batching():
+    """Batches of 3 and of 1 example + 2 weight-0 padding rows (how the loader completes a pass) give the
+    mean over the 4 examples: padding weighs nothing, and a batch counts by its examples."""
+    model, cfg, batch = tiny_model(1.0), flow.FlowConfig(), eval_batch()
+    rows = lambda index, weight: {**{k: v[np.array(index)] for k, v in batch.items()},
+                                  "eval_weight": jax.numpy.asarray(weight, jax.numpy.float32)}
+    whole = evaluate.mean_metrics([evaluate.camera_sensitivity(model, batch, cfg)])
+    batched = evaluate.mean_metrics([evaluate.camera_sensitivity(model, rows([0, 1, 2], [1, 1, 1]), cfg),
+                                     evaluate.camera_sensitivity(model, rows([3, 1, 2], [1, 0, 0]), cfg)])
+    assert batched.keys() == whole.keys() == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap"}
+    assert batched["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
