@@ -166,20 +166,25 @@ def chunked_attention(q, k, v, kv_len=None):
 
 
 def _ring_fwd(q, k, v, kv_len, axis, chunk):
-    """Online softmax over the K/V chunks as they come round; saves only q, k, v, out and the LSE."""
+    """Online softmax over the K/V blocks as they come round; saves only q, k, v, out and the LSE.
+
+    Each step sends its K/V block on before computing with it, so the transfer runs under the compute.
+    """
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
     carry = _softmax_start(q)
-    k_blk, v_blk = k, v
+    kv = (k, v)
     for step in range(n):
-        if step:
-            k_blk, v_blk = _shift(axis, k_blk, v_blk)
-        carry = _online_softmax(q, k_blk, v_blk, ((me - step) % n) * block, kv_len, chunk, carry)
+        next_kv = _shift(axis, *kv) if step < n - 1 else None
+        carry = _online_softmax(q, *kv, ((me - step) % n) * block, kv_len, chunk, carry)
+        kv = next_kv
     out, lse = _softmax_end(carry, q.dtype)
     return out, (q, k, v, out, lse)
 
 
 def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
-    """Flash-attention backward on the ring: dK/dV accumulators travel with their K/V block."""
+    """Flash-attention backward on the ring. K/V blocks go round as in the forward (sent before the
+    compute); each step's dK/dV of its block is sent on after the compute and added to the next
+    device's own contribution once that is computed, so both transfers run under compute."""
     q, k, v, out, lse = residuals
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
     d_out = d_out.astype(jnp.float32)
@@ -197,15 +202,18 @@ def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
             dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
         return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
 
-    dq, dk, dv = (jnp.zeros(t.shape, jnp.float32) for t in (q, k, v))
-    k_blk, v_blk = k, v
+    dq = jnp.zeros(q.shape, jnp.float32)
+    kv = (k, v)
     for step in range(n):
-        if step:
-            k_blk, v_blk, dk, dv = _shift(axis, k_blk, v_blk, dk, dv)
-        body = functools.partial(add_chunk, k_blk=k_blk, v_blk=v_blk, kv_start=((me - step) % n) * block)
-        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, dk, dv))
-    dk, dv = _shift(axis, dk, dv)  # one more hop brings each block's gradient home
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        next_kv = _shift(axis, *kv) if step < n - 1 else None
+        body = functools.partial(add_chunk, k_blk=kv[0], v_blk=kv[1], kv_start=((me - step) % n) * block)
+        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, *(jnp.zeros(t.shape, jnp.float32) for t in kv)))
+        if step:  # the earlier steps' gradient of this block, which arrived during this step's compute
+            dk, dv = dk + dk_in, dv + dv_in
+        dk_in, dv_in = _shift(axis, dk, dv)
+        kv = next_kv
+    # After n hops each block's gradient is home.
+    return dq.astype(q.dtype), dk_in.astype(k.dtype), dv_in.astype(v.dtype)
 
 
 ring_shard.defvjp(_ring_fwd, _ring_bwd)
