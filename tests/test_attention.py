@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from recam_jax import sharding
+from recam_jax import sharding, train
 from recam_jax.models import attention as attn
 from recam_jax.models.dit import WanDiT, dit_config
+from tests.conftest import tiny_config
 
 TOLERANCE = 1e-5  # relative L2 error in float32
 
@@ -84,13 +85,41 @@ def test_unknown_backend_is_refused():
         attn.attention(*qkv(1, 4, 4, heads=2), "flash")
 
 
+SMALL_TILES = attn.SplashBlocks(*[128] * 6)
+
+
 @pytest.mark.parametrize("q_len, kv_len, cross", [(300, 300, False), (200, 7, True)])
-def test_splash_matches_reference_in_interpret_mode(q_len, kv_len, cross, monkeypatch):
+def test_splash_matches_reference_in_interpret_mode(q_len, kv_len, cross):
     """Pallas interpret mode on CPU; 128-token tiles so 300 tokens span 3 tiles with masked padding."""
-    monkeypatch.setattr(attn, "SPLASH_BLOCK", 128)
     q, k, v = qkv(2, q_len, kv_len, heads=2)
-    got = jax.jit(loss_and_grads("splash", cross))(q, k, v)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, "splash", cross=cross, splash_blocks=SMALL_TILES)))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert max(relative_errors(got, loss_and_grads("xla", cross)(q, k, v))) <= TOLERANCE
+
+
+def test_splash_block_sizes_reach_the_kernels(monkeypatch):
+    """Different forward, dK/dV and dQ tiles: the kernel gets them, the sequences pad to a multiple of
+    every tile (300 queries → 768 for tiles 256 and 384), and the result is still the reference."""
+    made = []
+    make = attn.splash.make_splash_mha
+    monkeypatch.setattr(attn.splash, "make_splash_mha", lambda mask, **kw: made.append((mask.shape, kw["block_sizes"]))
+                        or make(mask, **kw))
+    blocks = attn.SplashBlocks(q=256, kv=128, q_dkv=128, kv_dkv=256, q_dq=384, kv_dq=128)
+    q, k, v = qkv(1, 300, 300, heads=2)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, "splash", splash_blocks=blocks)))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert max(relative_errors(got, loss_and_grads("xla")(q, k, v))) <= TOLERANCE
+    (shape, sizes), = made
+    assert shape == (2, 768, 512)
+    assert (sizes.block_q, sizes.block_kv, sizes.block_q_dkv, sizes.block_kv_dkv, sizes.block_q_dq,
+            sizes.block_kv_dq) == (256, 128, 128, 256, 384, 128)
+
+
+def test_splash_block_sizes_come_from_the_config_and_are_checked():
+    config = tiny_config(**{"model.splash_blocks.q": 1024, "model.splash_blocks.kv_dq": 256})
+    assert train.model_config(config).splash_blocks == attn.SplashBlocks(q=1024, kv_dq=256)
+    with pytest.raises(ValueError, match=r"multiples of 128; got \{'kv': 100\}"):
+        attn.SplashBlocks(kv=100)
 
 
 def tpu_topology(name, num_slices=1):
