@@ -4,8 +4,9 @@
         --config.init_from=/path/to/Wan2.1-T2V-14B/diffusion_pytorch_model.safetensors.index.json
 
 Hardware: a TPU v5p-64 (32 chips): fsdp 16 × context 2 with all-to-all (Ulysses) splash attention,
-53.5 GiB per chip in the AOT plan of docs/scale.md (fsdp 32 alone does not fit; so does the
-`fsdp_context` rule set, which shards parameters over context too: its temporaries grow past HBM).
+53.5 GiB per chip in the AOT plan of docs/scale.md with unrolled blocks (fsdp 32 alone does not
+fit; nor did the `fsdp_context` rule set, which shards parameters over context too, with unrolled
+blocks; with the scanned blocks neither is measured on TPU yet: docs/scale.md).
 """
 
 from configs import base
