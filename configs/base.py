@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Timesteps are rounded to this dtype before the DiT embeds them: the official ReCamMaster
     # training and inference cast them to bfloat16 (docs/sampling.md measures the difference).
     c.model.timestep_dtype = "float32"
+    # Tiles of the splash kernels in tokens (multiples of 128): forward queries and keys, and the
+    # backward's dK/dV and dQ kernels' (recam_jax/models/attention.py SplashBlocks).
+    c.model.splash_blocks = ml_collections.ConfigDict(
+        dict(q=512, kv=512, q_dkv=512, kv_dkv=512, q_dq=512, kv_dq=512))
 
     # PyTorch weights (Wan2.1, diffusers or ReCamMaster layout) or a recam_jax params folder to
     # start from; empty = random init. Camera modules start at their official init when absent.

@@ -62,6 +62,9 @@ CHIPS = {
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # An HLO instruction (not its `-done` half, not a name like %all-gather.3): the opcode then "(".
 _COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_COMPUTATION_START = re.compile(r"\n(?=\S)")  # computations start unindented; their instructions are indented
+_TPU_REDUCE_SCATTER = "%all-reduce-scatter"
+_TPU_REDUCE_SCATTER_FUSION = re.compile(r"\sfusion\(.*calls=" + _TPU_REDUCE_SCATTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,18 @@ def device_chip(devices) -> tuple[Chip | None, int]:
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
-    """Collective instructions by kind in an HLO module's text (each loop body counted once)."""
-    counts = collections.Counter(m.group(1) for m in _COLLECTIVE_OP.finditer(hlo_text))
+    """Collective instructions by kind in an HLO module's text (each loop body counted once).
+
+    The TPU compiler writes a reduce-scatter as a fusion calling a computation named
+    `all-reduce-scatter…` (an all-reduce and a slice inside): each such fusion counts as one
+    reduce-scatter, and the all-reduce inside it not at all.
+    """
+    counts = collections.Counter()
+    for computation in _COMPUTATION_START.split(hlo_text):
+        if computation.startswith(_TPU_REDUCE_SCATTER):
+            continue
+        counts.update(m.group(1) for m in _COLLECTIVE_OP.finditer(computation))
+        counts["reduce-scatter"] += len(_TPU_REDUCE_SCATTER_FUSION.findall(computation))
     return {kind: counts[kind] for kind in COLLECTIVES}
 
 

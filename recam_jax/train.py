@@ -33,7 +33,7 @@ from recam_jax import checkpoint, convert, flops, flow, optim, profiling, shardi
 from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
-from recam_jax.models.attention import BACKENDS
+from recam_jax.models.attention import BACKENDS, SplashBlocks
 from recam_jax.models.dit import REMAT_POLICIES, VARIANTS, WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
 
@@ -58,7 +58,8 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict):
     c = config.model
     return dit_config(c.variant, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, attention=c.attention,
-                      scan_layers=c.scan_layers, timestep_dtype=c.timestep_dtype, text_dim=config.data.text_dim)
+                      splash_blocks=SplashBlocks(**c.splash_blocks), scan_layers=c.scan_layers,
+                      timestep_dtype=c.timestep_dtype, text_dim=config.data.text_dim)
 
 
 def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:

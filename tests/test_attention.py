@@ -1,16 +1,19 @@
 """Every attention backend computes the reference (`xla`, one device) forward and backward."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from recam_jax import sharding
+from recam_jax import sharding, train
 from recam_jax.models import attention as attn
 from recam_jax.models.dit import WanDiT, dit_config
+from tests.conftest import tiny_config
 
 TOLERANCE = 1e-5  # relative L2 error in float32
 
@@ -82,13 +85,41 @@ def test_unknown_backend_is_refused():
         attn.attention(*qkv(1, 4, 4, heads=2), "flash")
 
 
+SMALL_TILES = attn.SplashBlocks(*[128] * 6)
+
+
 @pytest.mark.parametrize("q_len, kv_len, cross", [(300, 300, False), (200, 7, True)])
-def test_splash_matches_reference_in_interpret_mode(q_len, kv_len, cross, monkeypatch):
+def test_splash_matches_reference_in_interpret_mode(q_len, kv_len, cross):
     """Pallas interpret mode on CPU; 128-token tiles so 300 tokens span 3 tiles with masked padding."""
-    monkeypatch.setattr(attn, "SPLASH_BLOCK", 128)
     q, k, v = qkv(2, q_len, kv_len, heads=2)
-    got = jax.jit(loss_and_grads("splash", cross))(q, k, v)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, "splash", cross=cross, splash_blocks=SMALL_TILES)))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert max(relative_errors(got, loss_and_grads("xla", cross)(q, k, v))) <= TOLERANCE
+
+
+def test_splash_block_sizes_reach_the_kernels(monkeypatch):
+    """Different forward, dK/dV and dQ tiles: the kernel gets them, the sequences pad to a multiple of
+    every tile (300 queries → 768 for tiles 256 and 384), and the result is still the reference."""
+    made = []
+    make = attn.splash.make_splash_mha
+    monkeypatch.setattr(attn.splash, "make_splash_mha", lambda mask, **kw: made.append((mask.shape, kw["block_sizes"]))
+                        or make(mask, **kw))
+    blocks = attn.SplashBlocks(q=256, kv=128, q_dkv=128, kv_dkv=256, q_dq=384, kv_dq=128)
+    q, k, v = qkv(1, 300, 300, heads=2)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, "splash", splash_blocks=blocks)))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert max(relative_errors(got, loss_and_grads("xla")(q, k, v))) <= TOLERANCE
+    (shape, sizes), = made
+    assert shape == (2, 768, 512)
+    assert (sizes.block_q, sizes.block_kv, sizes.block_q_dkv, sizes.block_kv_dkv, sizes.block_q_dq,
+            sizes.block_kv_dq) == (256, 128, 128, 256, 384, 128)
+
+
+def test_splash_block_sizes_come_from_the_config_and_are_checked():
+    config = tiny_config(**{"model.splash_blocks.q": 1024, "model.splash_blocks.kv_dq": 256})
+    assert train.model_config(config).splash_blocks == attn.SplashBlocks(q=1024, kv_dq=256)
+    with pytest.raises(ValueError, match=r"multiples of 128; got \{'kv': 100\}"):
+        attn.SplashBlocks(kv=100)
 
 
 def tpu_topology(name, num_slices=1):
@@ -142,3 +173,51 @@ def test_chunked_matches_reference_without_the_whole_score_matrix(q_len, kv_len,
     step = jax.jit(loss_and_grads("chunked", cross))
     assert f"tensor<2x2x{q_len}x{kv_len}xf32>" not in step.lower(q, k, v).as_text()
     assert max(relative_errors(step(q, k, v), loss_and_grads("xla", cross)(q, k, v))) <= TOLERANCE
+
+
+# Ops that do work a transfer can hide under, in a scheduled TPU HLO (a `while` is a loop of them).
+COMPUTE_OPS = {"fusion", "convolution", "custom-call", "while", "dot"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")
+
+
+def permutes_without_compute(hlo_text: str) -> list[str]:
+    """The collective-permute-starts of a scheduled HLO module whose -done follows with no compute op
+    in between (within a computation, instructions are listed in their scheduled order)."""
+    exposed, in_flight = [], {}  # start name → whether compute has run since it was issued
+    for line in hlo_text.splitlines():
+        if not line.startswith(" "):  # a computation's header or closing brace
+            in_flight = {}
+            continue
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            continue
+        name, op, operands = match.groups()
+        if op == "collective-permute-start":
+            in_flight[name] = False
+        elif op == "collective-permute-done":
+            start = re.match(r"%([^,)\s]+)", operands).group(1)
+            if not in_flight.pop(start):
+                exposed.append(start)
+        elif op in COMPUTE_OPS:
+            in_flight = dict.fromkeys(in_flight, True)
+    return exposed
+
+
+def test_ring_sends_overlap_compute_in_the_compiled_tpu_program():
+    """Forward and backward of ring attention (with q/k/v projections) for v5p on context 4: every
+    K/V and dK/dV transfer is issued before compute that runs while it travels."""
+    topology = tpu_topology("v5p:2x2x1")
+    mesh = sharding.make_mesh({"context": 4}, devices=topology.devices)
+
+    def loss(x, w):
+        q, k, v = (jnp.einsum("bld,dhe->blhe", x, w[i]) for i in range(3))
+        return jnp.sum(jnp.sin(attn.attention(q, k, v, "ring").astype(jnp.float32)))
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        tokens = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", "act_length", None)))
+        x = jax.ShapeDtypeStruct((1, 4096, 512), jnp.bfloat16, sharding=tokens)
+        w = jax.ShapeDtypeStruct((3, 512, 4, 128), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+        hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    # 3 forward hops of K and V, 4 backward hops of dK and dV (the backward's K/V hops are the forward's).
+    assert hlo.count("collective-permute-start(") >= 14
+    assert permutes_without_compute(hlo) == []

@@ -7,8 +7,10 @@ import sys
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import base, wan14b
 from recam_jax import compile as planner
@@ -73,6 +75,20 @@ def test_collectives_are_counted_by_opcode_not_by_name():
            "%all-reduce.3 = f32[] all-reduce(f32[] %y), to_apply=%add\n")
     assert planner.count_collectives(hlo) == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1,
                                               "all-to-all": 0, "collective-permute": 0}
+
+
+def test_tpu_reduce_scatters_are_counted_as_reduce_scatters():
+    """The gradient of an fsdp-sharded weight compiled for v5p is reduce-scattered; the TPU compiler
+    writes that as a fusion calling an `all-reduce-scatter` computation with an all-reduce inside."""
+    mesh = sharding.make_mesh({"fsdp": 4}, devices=tpu_topology("v5p:2x2x1").devices)
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+    weight = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=rows)
+    tokens = jax.ShapeDtypeStruct((8, 256, 512), jnp.float32, sharding=rows)
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)), out_shardings=rows)
+    hlo = grad.lower(weight, tokens).compile().as_text()
+    assert "calls=%all-reduce-scatter" in hlo
+    counts = planner.count_collectives(hlo)
+    assert counts["reduce-scatter"] == 1 and counts["all-reduce"] == 0
 
 
 def test_unknown_topology_names_the_accepted_ones():

@@ -16,8 +16,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from recam_jax import sharding
+from configs import wan14b
+from recam_jax import sharding, train
 from recam_jax.models.dit import WanDiT, dit_config
+from tests.conftest import tiny_config
 from tests.test_attention import tpu_topology
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dit_1.3B_param_specs.json")
@@ -175,6 +177,31 @@ def test_optimizer_state_is_sharded_like_its_parameters():
     model, optimizer = nnx.eval_shape(make)
     moments = nnx.state(optimizer)["opt_state"][0]
     assert spec_dump(moments["mu"]) == spec_dump(moments["nu"]) == spec_dump(nnx.state(model, nnx.Param))
+
+
+def test_wan14b_shards_parameters_and_moments_over_context_too():
+    """configs/wan14b's rules on its kind of mesh (fsdp 4 × context 2 here, 8 CPU devices, the tiny
+    model with the paper's frozen backbone): every parameter and Adam moment split over fsdp is split
+    over context as well, so each device holds half the bytes of it that fsdp alone leaves."""
+    mesh = sharding.make_mesh({"fsdp": 4, "context": 2})
+
+    def state_layout(rules):
+        config = tiny_config(**{"sharding_rules": rules, "trainable": "camera+self_attn", "mesh.data": 1,
+                                "mesh.fsdp": 4, "mesh.context": 2})
+        state = jax.eval_shape(train.init_fn(config))
+        held = (state.trainable, state.frozen, state.opt_state)
+        shardings = train.state_shardings(state, mesh, config)
+        return jax.tree.leaves(held), jax.tree.leaves((shardings.trainable, shardings.frozen, shardings.opt_state))
+
+    arrays, before = state_layout("default")
+    _, after = state_layout(wan14b.get_config().sharding_rules)
+    mesh_axes = lambda s: jax.tree.leaves(tuple(s.spec))
+    shard_bytes = lambda a, s: int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+    over_fsdp = [i for i, s in enumerate(before) if "fsdp" in mesh_axes(s)]
+    assert len(over_fsdp) > len(arrays) / 2  # the frozen and trainable weights and both Adam moments
+    for i in over_fsdp:
+        assert "context" in mesh_axes(after[i])
+        assert shard_bytes(arrays[i], after[i]) * 2 == shard_bytes(arrays[i], before[i])
 
 
 def test_global_batch_shards_the_leading_axis_over_data_and_fsdp():

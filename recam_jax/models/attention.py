@@ -10,7 +10,10 @@ padded, and padded keys are masked out of the softmax.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +28,25 @@ QKV_AXES = ("act_batch", "act_length", "act_heads", "act_kv")
 TEXT_KV_AXES = ("act_batch", "act_kv_length", "act_heads", "act_kv")
 WHOLE_SEQUENCE_AXES = ("act_batch", None, "act_heads", "act_kv")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block gives no NaN
-SPLASH_BLOCK = 512  # splash tile along both sequences (a multiple of 128)
 RING_CHUNK = 512  # keys per logits tile of ring attention
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Tiles of the splash kernels, in tokens (multiples of 128; a shorter sequence uses one tile of its
+    padded length): the forward's query and key tiles, then the backward's two kernels' (dK/dV, dQ)."""
+
+    q: int = 512
+    kv: int = 512
+    q_dkv: int = 512
+    kv_dkv: int = 512
+    q_dq: int = 512
+    kv_dq: int = 512
+
+    def __post_init__(self):
+        bad = {name: size for name, size in dataclasses.asdict(self).items() if size <= 0 or size % 128}
+        if bad:
+            raise ValueError(f"splash block sizes must be positive multiples of 128; got {bad}")
 
 
 # Per-device kernels: (q, k, v, kv_len) → out; q (batch, q_len, heads, head_dim), k and v
@@ -68,22 +88,24 @@ def _on_tpu() -> bool:
     return (jax.default_backend() if device is None else device.platform) == "tpu"
 
 
-def splash_attention(q, k, v, kv_len=None):
-    """TPU Pallas splash attention; both sequences padded to the tile, padded keys in their own segment.
+def splash_attention(q, k, v, kv_len=None, blocks: SplashBlocks = SplashBlocks()):
+    """TPU Pallas splash attention; both sequences padded to whole tiles, padded keys in their own segment.
 
     Padded queries stay in segment 0 (they attend to real keys and are dropped), so no row is empty.
     """
     q_len, kv_valid = q.shape[1], k.shape[1] if kv_len is None else kv_len
-    block_q, block_kv = (min(SPLASH_BLOCK, _round_up(n, 128)) for n in (q_len, k.shape[1]))
-    q = _pad_length(q * q.shape[-1] ** -0.5, _round_up(q_len, block_q))  # splash does not scale logits
-    k, v = (_pad_length(t, _round_up(k.shape[1], block_kv)) for t in (k, v))
+    fit = lambda size, n: min(size, _round_up(n, 128))  # one tile for a short sequence
+    q_tiles = [fit(size, q_len) for size in (blocks.q, blocks.q_dkv, blocks.q_dq)]
+    kv_tiles = [fit(size, k.shape[1]) for size in (blocks.kv, blocks.kv_dkv, blocks.kv_dq)]
+    q = _pad_length(q * q.shape[-1] ** -0.5, _round_up(q_len, math.lcm(*q_tiles)))  # splash does not scale logits
+    k, v = (_pad_length(t, _round_up(k.shape[1], math.lcm(*kv_tiles))) for t in (k, v))
     segments = splash.SegmentIds(q=jnp.zeros(q.shape[1], jnp.int32),
                                  kv=(jnp.arange(k.shape[1]) >= kv_valid).astype(jnp.int32))
     heads = q.shape[2]
     mask = splash_mask.MultiHeadMask([splash_mask.FullMask((q.shape[1], k.shape[1]))] * heads)
-    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_q_dkv=block_q, block_kv_dkv=block_kv,
-                               block_q_dq=block_q, block_kv_dq=block_kv)
-    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+    sizes = splash.BlockSizes(block_q=q_tiles[0], block_kv=kv_tiles[0], block_q_dkv=q_tiles[1],
+                              block_kv_dkv=kv_tiles[1], block_q_dq=q_tiles[2], block_kv_dq=kv_tiles[2])
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                     interpret=not _on_tpu())
     heads_first = lambda t: t.transpose(0, 2, 1, 3)  # the kernel takes one example (heads, len, head_dim)
     out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(heads_first(q), heads_first(k), heads_first(v), segments)
@@ -93,14 +115,14 @@ def splash_attention(q, k, v, kv_len=None):
 # Context parallelism: functions of per-device shards inside shard_map, sequence split over `axis`.
 
 
-def ulysses_shard(q, k, v, kv_len, axis, kernel):
+def ulysses_shard(q, k, v, kv_len, axis, kernel: Callable):
     """All-to-all from sequence to head sharding, the whole sequence per device, and back."""
     n, heads = jax.lax.axis_size(axis), q.shape[2]
     if heads % n:
         raise ValueError(f"ulysses attention needs the heads per device ({heads}) divisible by the "
                          f"'{axis}' mesh axis size ({n}); use ring attention or another mesh")
     to_heads = lambda t: jax.lax.all_to_all(t, axis, split_axis=2, concat_axis=1, tiled=True)
-    out = KERNELS[kernel](to_heads(q), to_heads(k), to_heads(v), kv_len)
+    out = kernel(to_heads(q), to_heads(k), to_heads(v), kv_len)
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -166,20 +188,25 @@ def chunked_attention(q, k, v, kv_len=None):
 
 
 def _ring_fwd(q, k, v, kv_len, axis, chunk):
-    """Online softmax over the K/V chunks as they come round; saves only q, k, v, out and the LSE."""
+    """Online softmax over the K/V blocks as they come round; saves only q, k, v, out and the LSE.
+
+    Each step sends its K/V block on before computing with it, so the transfer runs under the compute.
+    """
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
     carry = _softmax_start(q)
-    k_blk, v_blk = k, v
+    kv = (k, v)
     for step in range(n):
-        if step:
-            k_blk, v_blk = _shift(axis, k_blk, v_blk)
-        carry = _online_softmax(q, k_blk, v_blk, ((me - step) % n) * block, kv_len, chunk, carry)
+        next_kv = _shift(axis, *kv) if step < n - 1 else None
+        carry = _online_softmax(q, *kv, ((me - step) % n) * block, kv_len, chunk, carry)
+        kv = next_kv
     out, lse = _softmax_end(carry, q.dtype)
     return out, (q, k, v, out, lse)
 
 
 def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
-    """Flash-attention backward on the ring: dK/dV accumulators travel with their K/V block."""
+    """Flash-attention backward on the ring. K/V blocks go round as in the forward (sent before the
+    compute); each step's dK/dV of its block is sent on after the compute and added to the next
+    device's own contribution once that is computed, so both transfers run under compute."""
     q, k, v, out, lse = residuals
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
     d_out = d_out.astype(jnp.float32)
@@ -197,15 +224,18 @@ def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
             dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
         return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
 
-    dq, dk, dv = (jnp.zeros(t.shape, jnp.float32) for t in (q, k, v))
-    k_blk, v_blk = k, v
+    dq = jnp.zeros(q.shape, jnp.float32)
+    kv = (k, v)
     for step in range(n):
-        if step:
-            k_blk, v_blk, dk, dv = _shift(axis, k_blk, v_blk, dk, dv)
-        body = functools.partial(add_chunk, k_blk=k_blk, v_blk=v_blk, kv_start=((me - step) % n) * block)
-        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, dk, dv))
-    dk, dv = _shift(axis, dk, dv)  # one more hop brings each block's gradient home
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        next_kv = _shift(axis, *kv) if step < n - 1 else None
+        body = functools.partial(add_chunk, k_blk=kv[0], v_blk=kv[1], kv_start=((me - step) % n) * block)
+        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, *(jnp.zeros(t.shape, jnp.float32) for t in kv)))
+        if step:  # the earlier steps' gradient of this block, which arrived during this step's compute
+            dk, dv = dk + dk_in, dv + dv_in
+        dk_in, dv_in = _shift(axis, dk, dv)
+        kv = next_kv
+    # After n hops each block's gradient is home.
+    return dq.astype(q.dtype), dk_in.astype(k.dtype), dv_in.astype(v.dtype)
 
 
 ring_shard.defvjp(_ring_fwd, _ring_bwd)
@@ -217,7 +247,7 @@ def _sharded(fn, q, k, v, q_axes, kv_axes):
     return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(q, k, v)
 
 
-def _context_parallel(scheme, kernel, q, k, v, axis: str):
+def _context_parallel(scheme, kernel: Callable, q, k, v, axis: str):
     """Pads the sequence to whole shards (and ring chunks) and runs `scheme` on each device's shard."""
     length, shards = q.shape[1], jax.sharding.get_abstract_mesh().shape[axis]
     chunk = min(RING_CHUNK, -(-length // shards))
@@ -245,28 +275,33 @@ BACKENDS = {
 }
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla", *, cross: bool = False) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla", *, cross: bool = False,
+              splash_blocks: SplashBlocks = SplashBlocks()) -> jax.Array:
     """Multi-head attention without mask (Wan attends to every token, padded text included).
 
     q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, heads, head_dim). `cross`: k, v are the
-    text tokens, replicated over the context axis (never context-parallel).
+    text tokens, replicated over the context axis (never context-parallel). `splash_blocks`: the tiles
+    of the splash kernels (`splash`, `ulysses_splash`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {sorted(BACKENDS)}")
-    scheme, kernel = BACKENDS[backend]
+    scheme, kernel_name = BACKENDS[backend]
+    kernel = KERNELS[kernel_name]
+    if kernel is splash_attention:
+        kernel = functools.partial(splash_attention, blocks=splash_blocks)
     kv_axes = TEXT_KV_AXES if cross else QKV_AXES
     q = constrain(q, QKV_AXES)
     k, v = constrain(k, kv_axes), constrain(v, kv_axes)
     if jax.sharding.get_abstract_mesh().empty or not spmd.get_logical_axis_rules():
-        return KERNELS[kernel](q, k, v)  # one device
+        return kernel(q, k, v)  # one device
     context_axis = logical_to_spec(QKV_AXES)[1]
     if scheme is not None and not cross and context_axis is not None:
         if not isinstance(context_axis, str):
             raise ValueError(f"context parallelism needs act_length on one mesh axis; the rules give {context_axis}")
         return _context_parallel(scheme, kernel, q, k, v, context_axis)
-    if kernel == "xla":
+    if kernel is xla_attention:
         return xla_attention(q, k, v)  # XLA's partitioner (GSPMD) splits the einsums
     # A Pallas / cuDNN kernel on each device's batch and heads: whole sequences for self-attention,
     # the device's query shard against the whole text for cross-attention.
     q_axes, kv_axes = (QKV_AXES, TEXT_KV_AXES) if cross else (WHOLE_SEQUENCE_AXES, WHOLE_SEQUENCE_AXES)
-    return _sharded(KERNELS[kernel], q, k, v, q_axes, kv_axes)
+    return _sharded(kernel, q, k, v, q_axes, kv_axes)

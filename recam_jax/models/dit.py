@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from recam_jax.batch import CAMERA_DIM
-from recam_jax.models.attention import attention
+from recam_jax.models.attention import SplashBlocks, attention
 from recam_jax.models.layers import (
     MLP, LayerNorm, RMSNorm, apply_rope, dense, gelu_tanh, rope_tables, sinusoidal_embedding)
 from recam_jax.sharding import constrain, param_axes
@@ -61,6 +61,7 @@ class DiTConfig:
     # Timesteps are rounded to this dtype before their sinusoidal features: the official ReCamMaster
     # code casts them to bfloat16 in training and inference (at 1000, bf16 steps are 4 apart).
     timestep_dtype: str = "float32"
+    splash_blocks: SplashBlocks = SplashBlocks()  # tiles of the splash kernels (splash, ulysses_splash)
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +108,7 @@ class Attention(nnx.Module):
         self.o = dense(cfg.dim, cfg.dim, ("heads", "embed"), **kw)
         self.norm_q = RMSNorm(cfg.dim, "heads", eps=cfg.eps, param_dtype=cfg.param_dtype)
         self.norm_k = RMSNorm(cfg.dim, "heads", eps=cfg.eps, param_dtype=cfg.param_dtype)
-        self.num_heads, self.backend = cfg.num_heads, cfg.attention
+        self.num_heads, self.backend, self.splash_blocks = cfg.num_heads, cfg.attention, cfg.splash_blocks
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, rope=None) -> jax.Array:
         """Self-attention (context None, with RoPE) or cross-attention to `context`."""
@@ -118,7 +119,7 @@ class Attention(nnx.Module):
         v = split(checkpoint_name(self.v(kv_input), "attn_v"))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.backend, cross=context is not None)
+        out = attention(q, k, v, self.backend, cross=context is not None, splash_blocks=self.splash_blocks)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
 
