@@ -159,4 +159,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.profile_from_step = 10
     # Peak dense bf16 TFLOP/s of one device, for MFU (TPU v5p: 459; H100 SXM: 989).
     c.peak_tflops_per_device = 459.0
+    # jax's persistent compilation cache (local or gs://); empty: WORKDIR/compilation_cache. Runs of
+    # a sweep that share shapes and mesh may share one folder and compile each program once.
+    c.compilation_cache = ""
     return c

@@ -377,16 +377,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Runs (or resumes) training in `workdir` until `config.steps`; returns the final state."""
     check_config(config)
     mesh = make_mesh(config)
-    with compilation_cache_in(workdir), jax.set_mesh(mesh), \
+    cache = config.compilation_cache or storage.join(storage.absolute(workdir), "compilation_cache")
+    with compilation_cache_in(cache), jax.set_mesh(mesh), \
             nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)), Preemption() as preemption:
         return _train_on_mesh(config, workdir, mesh, preemption)
 
 
 @contextlib.contextmanager
-def compilation_cache_in(workdir: str):
-    """Compiled programs are kept in WORKDIR/compilation_cache (a gs:// workdir too, through etils.epath):
-    a restart of the run loads its train step instead of compiling it again."""
-    options = {"jax_compilation_cache_dir": storage.join(storage.absolute(workdir), "compilation_cache"),
+def compilation_cache_in(folder: str):
+    """Compiled programs are kept in `folder` (gs:// too, through etils.epath): a restart of the run
+    loads its train step instead of compiling it again."""
+    options = {"jax_compilation_cache_dir": folder,
                "jax_persistent_cache_min_compile_time_secs": 0.0}
     previous = {name: getattr(jax.config, name) for name in options}
     _set_compilation_cache(options)

@@ -25,11 +25,34 @@ def fixtures_dir():
     return FIXTURES
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One jax compilation cache for the test session (both xdist workers, and the trainer processes
+    they start through `compilation_cache`): tests that build the same program compile it once.
+    A test of the cache itself sets `compilation_cache` back to the default (the run folder)."""
+    root = tmp_path_factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "compilation_cache"
+    os.environ[SHARED_CACHE_VARIABLE] = str(folder)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return str(folder)
+
+
+SHARED_CACHE_VARIABLE = "RECAM_JAX_TEST_COMPILATION_CACHE"
+
+
+def shared_cache() -> str:
+    """The test session's compilation cache folder (see `shared_compilation_cache`)."""
+    return os.environ[SHARED_CACHE_VARIABLE]
+
+
 def tiny_config(**fields):
-    """configs/tiny.py logging every step, no eval, rare checkpoints; `fields` override (dotted keys)."""
+    """configs/tiny.py logging every step, no eval, rare checkpoints, the session's compilation cache;
+    `fields` override (dotted keys)."""
     from configs import tiny
 
     config = tiny.get_config()
+    config.compilation_cache = shared_cache()
     config.log_every = 1
     config.eval_every = 0
     config.checkpoint_every = 1000

@@ -1,6 +1,8 @@
 """The pod path on a real GCS server (fake-gcs-server on loopback): prepare writes shards to a
-bucket, a two-process job trains from them with its workdir in the bucket, is SIGKILLed, resumes
-bit-identically from the bucket, and its exported .ckpt is read back from there by the converter."""
+bucket; a two-process job (one model sharded over the 8 devices of both processes) trains from them
+with its workdir and compilation cache in the bucket, evaluates, checkpoints and exports there, and
+matches the same job on one process; a second job is SIGKILLed, resumes bit-identically from the
+bucket, and its exported .ckpt is read back from there by the converter."""
 
 import json
 import os
@@ -17,18 +19,19 @@ from configs import demo
 from data_pipeline import demo_data, shards
 from recam_jax import convert, storage, train
 from tests.conftest import REPO
-from tests.test_multihost import launch_two_processes, start_two_processes, wait_for_success
+from tests.test_multihost import launch_one_process, launch_two_processes, start_two_processes, wait_for_success
 
-STEPS = 12
+STEPS = 8
 TIMEOUT = 900  # seconds per launch: each compiles the step in two processes sharing the CPU cores
 # The demo config on the tiny demo shards (9 frames of 32×32 → latents 3×4×4×16), one example per device.
 OVERRIDES = {"data.path": None, "data.latent_shape": "(3,4,4,16)", "data.batch_size": 8, "log_every": 1,
-             "eval_every": 0, "checkpoint_every": 2, "mesh.data": 1, "mesh.fsdp": -1, "max_unsharded_fraction": 0.05}
+             "eval_every": STEPS // 2, "checkpoint_every": 2, "mesh.data": 1, "mesh.fsdp": -1,
+             "max_unsharded_fraction": 0.05}
 
 
-def read_losses(workdir: str) -> dict[int, float]:
+def read_metric(workdir: str, name: str = "loss") -> dict[int, float]:
     with storage.open(storage.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        return {r["step"]: r[name] for r in map(json.loads, f) if name in r}
 
 
 def exported(workdir: str, config):
@@ -37,16 +40,35 @@ def exported(workdir: str, config):
 
 
 @pytest.mark.slow
-def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
+def test_two_process_job_on_a_bucket_trains_like_one_process_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
     data = f"{gcs_bucket}/shards"
     demo_data.write_dataset(str(tmp_path), num_scenes=3, num_frames=9, height=32, width=32)
     demo_data.prepare_demo(str(tmp_path), data, num_frames=9, height=32, width=32, num_val_scenes=1,
                            scenes_per_shard=1)
     assert storage.exists(storage.join(data, shards.MANIFEST))
-    trainer = dict(config="configs/demo.py", overrides={**OVERRIDES, "data.path": data})
-
+    cache = f"{gcs_bucket}/compilation_cache"  # shared by the jobs below: the second loads what the first compiled
+    trainer = dict(config="configs/demo.py", overrides={**OVERRIDES, "data.path": data, "compilation_cache": cache})
     straight = f"{gcs_bucket}/straight"
-    launch_two_processes(straight, STEPS, timeout=TIMEOUT, **trainer)
+    outputs = launch_two_processes(straight, STEPS, timeout=TIMEOUT, **trainer)
+    assert all("devices 8 (cpu), processes 2" in output for output in outputs)
+    assert storage.listdir(cache)
+    # One copy of the shared files (written by process 0), the data position of each process.
+    assert sorted(read_metric(straight)) == list(range(1, STEPS + 1))
+    assert sorted(read_metric(straight, "eval_loss")) == [STEPS // 2, STEPS]
+    assert sorted(storage.listdir(storage.join(straight, "checkpoints", str(STEPS), "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+    # The same job on one process owning all 8 devices: the same losses, eval and exported weights.
+    config = demo.get_config()
+    config.data.latent_shape = (3, 4, 4, 16)
+    launch_one_process(tmp_path / "one_process", STEPS, **trainer)
+    for name in ("loss", "grad_norm", "eval_loss"):
+        np.testing.assert_allclose(list(read_metric(straight, name).values()),
+                                   list(read_metric(str(tmp_path / "one_process"), name).values()), rtol=1e-5,
+                                   err_msg=name)
+    for got, want in zip(jax.tree.leaves(nnx.state(exported(straight, config))),
+                         jax.tree.leaves(nnx.state(exported(str(tmp_path / "one_process"), config))), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     killed = f"{gcs_bucket}/killed"
     processes = start_two_processes(killed, STEPS, **trainer)
@@ -58,17 +80,15 @@ def test_two_process_job_on_a_bucket_survives_sigkill_and_exports_there(gcs_buck
     for process in processes:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    killed_at = max(read_losses(killed))
+    killed_at = max(read_metric(killed))
     assert all(p.returncode == -signal.SIGKILL for p in processes) and killed_at < STEPS, "ended before the kill"
     outputs = wait_for_success(start_two_processes(killed, STEPS, **trainer), TIMEOUT)
     assert all("resumed from step" in output for output in outputs), outputs[0]
 
-    losses, resumed = read_losses(straight), read_losses(killed)
+    losses, resumed = read_metric(straight), read_metric(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1)) and resumed == losses
     assert storage.listdir(storage.join(killed, "tensorboard"))  # event files, written through the GCS client
     assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder named "gs:"
-    config = demo.get_config()
-    config.data.latent_shape = (3, 4, 4, 16)
     for got, want in zip(jax.tree.leaves(nnx.state(exported(killed, config))),
                          jax.tree.leaves(nnx.state(exported(straight, config))), strict=True):
         np.testing.assert_array_equal(got, want)

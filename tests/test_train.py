@@ -19,7 +19,7 @@ from configs import tiny
 from recam_jax import checkpoint, convert, optim, sharding, train
 from recam_jax import compile as planner
 from recam_jax.models.dit import WanDiT
-from tests.conftest import REPO, read_metrics, tiny_config
+from tests.conftest import REPO, read_metrics, shared_cache, tiny_config
 
 
 def leaves_equal(a, b) -> bool:
@@ -94,21 +94,31 @@ def test_restore_lands_on_the_mesh_and_equals_the_saved_state(tmp_path):
     assert leaves_equal(next(data_iterator), next(fresh))
 
 
-def test_a_restart_loads_its_compiled_programs_from_the_run_folder(tmp_path):
-    config = tiny_config(steps=2, checkpoint_every=2)
-    train.train(config, str(tmp_path))
-    assert os.listdir(tmp_path / "compilation_cache")  # the first start wrote its programs there
+def count_cache_hits(run) -> int:
+    """How many programs `run()` loaded from the persistent compilation cache."""
     cache_hits = []
     listener = lambda event, **kwargs: cache_hits.append(event) if event.endswith("/cache_hits") else None
     jax.monitoring.register_event_listener(listener)
     try:
-        config.steps = 3
-        train.train(config, str(tmp_path))  # resumes at step 2
+        run()
     finally:
         jax.monitoring.unregister_event_listener(listener)
-    assert cache_hits  # the restart found its programs in the run folder
+    return len(cache_hits)
+
+
+def test_a_restart_loads_its_compiled_programs_from_the_run_folder(tmp_path):
+    config = tiny_config(steps=2, checkpoint_every=2, compilation_cache="")  # the default: the run folder
+    train.train(config, str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run" / "compilation_cache")  # the first start wrote its programs there
+    config.steps = 3
+    assert count_cache_hits(lambda: train.train(config, str(tmp_path / "run")))  # resumes at step 2, compiles nothing
     # Each start logs how long it took to reach its first step.
-    assert [r["step"] for r in read_metrics(tmp_path) if "time_to_first_step_s" in r] == [1, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "time_to_first_step_s" in r] == [1, 3]
+
+    # Another run given that folder as its `compilation_cache` loads the programs from there.
+    config.compilation_cache = str(tmp_path / "run" / "compilation_cache")
+    assert count_cache_hits(lambda: train.train(config, str(tmp_path / "other")))
+    assert not os.path.exists(tmp_path / "other" / "compilation_cache")
 
 
 def test_checkpoints_only_at_the_planned_steps(tmp_path):
@@ -197,7 +207,8 @@ def test_training_from_weights_starts_from_them(tmp_path):
 
 def run_trainer(workdir, *overrides, wait=True):
     command = [sys.executable, "-m", "recam_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
-               "--config.log_every=1", "--config.eval_every=0", *overrides]
+               "--config.log_every=1", "--config.eval_every=0", f"--config.compilation_cache={shared_cache()}",
+               *overrides]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
@@ -208,7 +219,7 @@ def run_trainer(workdir, *overrides, wait=True):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    steps = "--config.steps=60"
+    steps = "--config.steps=30"
     code, output = run_trainer(tmp_path / "straight", steps, "--config.checkpoint_every=10")
     assert code == 0, output
     process = run_trainer(tmp_path / "killed", steps, "--config.checkpoint_every=10", wait=False)
@@ -219,15 +230,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(read_losses(tmp_path / "killed"))
-    assert process.returncode == -signal.SIGKILL and killed_at < 60, "the run ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL and killed_at < 30, "the run ended before it could be killed"
     code, output = run_trainer(tmp_path / "killed", steps, "--config.checkpoint_every=10")
     assert code == 0 and "resumed from step" in output, output
 
     straight, resumed = read_losses(tmp_path / "straight"), read_losses(tmp_path / "killed")
-    assert resumed == {s: straight[s] for s in resumed} and max(resumed) == 60
+    assert resumed == {s: straight[s] for s in resumed} and max(resumed) == 30
     final = {}
     for run in ("straight", "killed"):
-        final[run] = convert.load_pytorch(str(tmp_path / run / "exports" / "recammaster_step60.ckpt"),
+        final[run] = convert.load_pytorch(str(tmp_path / run / "exports" / "recammaster_step30.ckpt"),
                                           train.model_config(tiny.get_config()))
     assert leaves_equal(nnx.state(final["straight"]), nnx.state(final["killed"]))
 
