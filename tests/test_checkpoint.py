@@ -1,0 +1,52 @@
+"""The checkpoint manager on a toy state and data iterator: which steps it keeps, what it restores (seconds)."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recam_jax import checkpoint
+
+
+def data_iterator():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def state_at(step):
+    return {"w": jnp.full((4,), float(step)), "step": jnp.asarray(step)}
+
+
+def save_steps(manager, steps, iterator, force_last=False):
+    started = []
+    for step in steps:
+        next(iterator)  # one batch consumed per step
+        started.append(checkpoint.save(manager, step, state_at(step), iterator,
+                                       force=force_last and step == steps[-1]))
+    manager.wait_until_finished()
+    return started
+
+
+def test_saves_only_due_steps_keeps_the_last_and_the_periodic_ones(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), every=2, keep_last=2, keep_every=4)
+    started = save_steps(manager, list(range(1, 12)), data_iterator(), force_last=True)
+    assert started == [step % 2 == 0 or step == 11 for step in range(1, 12)]
+    assert manager.all_steps() == [4, 8, 10, 11]  # periodic 4 and 8, then the last two
+    assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_without_keep_every_only_the_last_remain(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), every=1, keep_last=2, keep_every=0)
+    save_steps(manager, [1, 2, 3, 4], data_iterator())
+    assert manager.all_steps() == [3, 4]
+
+
+def test_restore_latest_returns_the_last_state_and_moves_the_iterator_there(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), every=3, keep_last=5, keep_every=0)
+    assert checkpoint.restore_latest(manager, jax.eval_shape(lambda: state_at(0)), data_iterator()) is None
+    save_steps(manager, [1, 2, 3, 4, 5, 6, 7], data_iterator())
+    resumed = data_iterator()
+    fresh = checkpoint.make_manager(str(tmp_path), every=3, keep_last=5, keep_every=0)  # a restarted run
+    restored = checkpoint.restore_latest(fresh, jax.eval_shape(lambda: state_at(0)), resumed)
+    np.testing.assert_array_equal(restored["w"], np.full((4,), 6.0))
+    assert int(restored["step"]) == 6
+    assert next(resumed) == 6  # six elements were consumed before the step-6 save
