@@ -4,6 +4,7 @@
 #   scripts/mutate.sh flow                                    # the module's default tests (below)
 #   scripts/mutate.sh convert tests/test_convert.py -k infer  # other tests / pytest options
 #   MUTANTS='recam_jax.convert.x_infer_config__mutmut_*' scripts/mutate.sh convert  # some functions
+#   KEEP=1 MUTANTS='recam_jax.flow.x__bump__mutmut_5' scripts/mutate.sh flow        # rerun survivors
 #
 # mutmut reads its config from the working directory and copies the project into mutants/, so the
 # run happens in a scratch project, build/mutmut/MODULE/ (git-ignored), made fresh every time:
@@ -25,20 +26,23 @@ if (($# == 0)); then
     optim) set -- tests/test_optim.py ;;
     sharding) set -- tests/test_sharding.py -k "not dit_on_mesh" ;;
     checkpoint) set -- tests/test_checkpoint.py ;;
-    torch_io | convert) set -- tests/test_convert.py ;;
+    torch_io) set -- tests/test_torch_io.py ;;
+    convert) set -- tests/test_convert.py ;;
     *) echo "no default tests for $module: pass the test files after the module name" >&2; exit 2 ;;
   esac
 fi
 
 mutmut=${MUTMUT:-mutmut}  # the test extra installs it: pip install -e ".[test]"
 work=$repo/build/mutmut/$module
-rm -rf "$work"
+# KEEP=1 keeps the last run's results and reruns only the mutants named in MUTANTS (with the tests
+# as they are now): the way to check that a new test kills a survivor without a full run.
+[[ ${KEEP:-0} == 1 && -n ${MUTANTS:-} ]] || rm -rf "$work"
 mkdir -p "$work"
 for path in recam_jax tests configs data_pipeline launch pytest.ini; do
-  ln -s "$repo/$path" "$work/$path"
+  ln -sfn "$repo/$path" "$work/$path"
 done
 # The fixtures the tests find at ../shared, seen from mutants/.
-[[ -e "$repo/../shared" ]] && ln -s "$(cd "$repo/../shared" && pwd)" "$work/shared"
+[[ -e "$repo/../shared" ]] && ln -sfn "$(cd "$repo/../shared" && pwd)" "$work/shared"
 
 {
   echo "[mutmut]"
