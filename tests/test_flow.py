@@ -146,6 +146,19 @@ def test_predicting_the_true_velocity_gives_zero_loss_and_its_negation_four_time
     np.testing.assert_allclose(negated, 4 * zero, rtol=1e-4)
 
 
+def test_a_given_sigma_replaces_the_drawn_one():
+    """Evaluation fixes the noise levels: the model must see exactly those."""
+    batch, sigma, seen = batch_of(jax.random.key(11)), jnp.linspace(0.1, 0.9, 6), {}
+
+    def apply_fn(latents, timesteps, text, camera):
+        seen["timesteps"] = timesteps
+        return jnp.zeros_like(latents)
+
+    _, aux = flow.flow_loss(apply_fn, keys(12, 6), batch, flow.FlowConfig(), sigma=sigma)
+    np.testing.assert_array_equal(aux["sigma"], sigma)
+    np.testing.assert_allclose(seen["timesteps"], sigma * 1000, rtol=1e-6)
+
+
 def test_unknown_weighting_or_sampling_is_refused_naming_the_field():
     sigma = jnp.full((2,), 0.5)
     with pytest.raises(ValueError, match=r"flow.loss_weighting='uniform' is not one of"):
