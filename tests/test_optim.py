@@ -22,21 +22,26 @@ def optimizer_config(**fields):
 class Block(nnx.Module):
     def __init__(self, rngs):
         self.cam_encoder = nnx.Linear(2, 2, rngs=rngs)
+        self.cam_encoder.calls = nnx.BatchStat(jnp.zeros(()))  # state inside a trainable module, not a parameter
         self.projector = nnx.Linear(2, 2, rngs=rngs)
         self.self_attn = nnx.Linear(2, 2, rngs=rngs)
         self.cross_attn = nnx.Linear(2, 2, rngs=rngs)
-        self.count = nnx.Variable(jnp.zeros(()))  # state that is not a parameter
+        self.count = nnx.Variable(jnp.zeros(()))
 
 
-def selected_modules(trainable):
-    _, selected, _ = nnx.split(Block(nnx.Rngs(0)), optim.trainable_filter(trainable), ...)
-    return {path[0] for path, _ in nnx.to_flat_state(selected)}
+def selected(trainable):
+    _, chosen, _ = nnx.split(Block(nnx.Rngs(0)), optim.trainable_filter(trainable), ...)
+    return {path for path, _ in nnx.to_flat_state(chosen)}
 
 
-def test_each_trainable_set_selects_its_modules_and_only_parameters():
-    assert selected_modules("camera") == {"cam_encoder", "projector"}
-    assert selected_modules("camera+self_attn") == {"cam_encoder", "projector", "self_attn"}
-    assert selected_modules("all") == {"cam_encoder", "projector", "self_attn", "cross_attn"}
+def params_of(*modules):
+    return {(m, p) for m in modules for p in ("kernel", "bias")}
+
+
+def test_each_trainable_set_selects_the_parameters_of_its_modules_and_nothing_else():
+    assert selected("camera") == params_of("cam_encoder", "projector")
+    assert selected("camera+self_attn") == params_of("cam_encoder", "projector", "self_attn")
+    assert selected("all") == params_of("cam_encoder", "projector", "self_attn", "cross_attn")
     with pytest.raises(ValueError, match=r"trainable='camera\+cross' is not one of"):
         optim.trainable_filter("camera+cross")
 
