@@ -62,6 +62,8 @@ def test_cosine_decays_to_the_end_rate_after_decay_steps_more_updates():
     # Update n runs step n + 1: warmup steps 1, 2 then cosine steps 1..4 of 4, then it stays at the end.
     cosine = [1e-3 + 9e-3 * (1 + np.cos(np.pi * k / 4)) / 2 for k in range(1, 5)]
     np.testing.assert_allclose(got, [5e-3, 1e-2, *cosine, 1e-3, 1e-3], rtol=1e-5)
+    one_step = rates(optimizer_config(schedule="cosine", warmup_steps=1, decay_steps=1), 3)
+    np.testing.assert_allclose(one_step, [1e-2, 1e-3, 1e-3], rtol=1e-5)  # the peak, then the end at once
     with pytest.raises(ValueError, match=r"optimizer.schedule='linear' is not one of"):
         optim.learning_rate_schedule(optimizer_config(schedule="linear"))
 
