@@ -61,22 +61,22 @@ done
 
 cd "$work"
 # shellcheck disable=SC2086  # MUTANTS is a list of globs
-nice -n 10 "$mutmut" run --max-children "${MUTMUT_CHILDREN:-1}" ${MUTANTS:-} | tr '\r' '\n' | grep -av '^[⠁-⣿]' || true
+nice -n 10 "$mutmut" run --max-children "${MUTMUT_CHILDREN:-1}" ${MUTANTS:-} | tr '\r' '\n' | LC_ALL=C grep -av $'^\xe2[\xa0-\xa3]' || true  # without the spinner lines
 echo "not killed:"
 "$mutmut" results
 python - "$module" <<'PY'
-"""The module's row: mutants run, killed (a test failed or timed out), not killed, score."""
+"""The module's row: mutants made, run, killed (a test failed or timed out), not killed, score."""
 import collections, datetime, json, sys
 
 from mutmut.stats import status_by_exit_code
 
 module = sys.argv[1]
 with open(f"mutants/recam_jax/{module}.py.meta") as f:
-    codes = json.load(f)["exit_code_by_key"].values()
+    codes = list(json.load(f)["exit_code_by_key"].values())
 status = collections.Counter(status_by_exit_code[c] for c in codes if c is not None)
 killed = status["killed"] + status["timeout"]
 tested = sum(status.values())
 print(dict(status))
-print(f"| {module}.py | {tested} | {killed} | {tested - killed} | {killed / max(tested, 1):.1%} | "
+print(f"| {module}.py | {len(codes)} | {tested} | {killed} | {tested - killed} | {killed / max(tested, 1):.1%} | "
       f"{datetime.date.today()} |")
 PY
