@@ -2,6 +2,7 @@
 themselves, and each refusal naming the file (seconds)."""
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -73,7 +74,10 @@ def test_refusals_name_the_file(tmp_path):
 
 def test_a_folder_opens_its_one_weight_file_or_lists_what_it_found(tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "one.safetensors"))
-    assert list(torch_io.open_state_dict(str(tmp_path))) == ["a"]
+    opened = torch_io.open_state_dict(str(tmp_path))
+    assert list(opened) == ["a"]
+    with pytest.raises(KeyError, match=re.escape(str(tmp_path))):  # errors name the folder asked for
+        opened["b"]
     save_file({"b": torch.ones(2)}, str(tmp_path / "two.safetensors"))
     with pytest.raises(CheckpointError, match=r"expected one '\*.safetensors.index.json' or one '\*.safetensors'") as e:
         torch_io.open_state_dict(str(tmp_path))
@@ -85,8 +89,10 @@ def test_a_sharded_index_joins_its_shards_and_names_missing_ones(tmp_path):
     save_file({"b": torch.zeros(3)}, str(tmp_path / "s2.safetensors"))
     index = tmp_path / "m.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
-    opened = torch_io.open_state_dict(str(index))
-    assert opened.shapes == {"a": (2,), "b": (3,)} and float(opened["a"][0]) == 1.0
+    for path in (index, tmp_path):  # the index, or the folder holding it (a sharded release)
+        opened = torch_io.open_state_dict(str(path))
+        assert opened.shapes == {"a": (2,), "b": (3,)} and float(opened["a"][0]) == 1.0
+        assert opened.path == str(index)
     index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "c": "s3.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"index\.json: shard files listed in the index are missing: .*s3"):
         torch_io.open_state_dict(str(index))
@@ -121,3 +127,20 @@ def test_name_and_shape_check_lists_each_problem_and_caps_long_lists():
     assert lines[1] == "  missing (25): " + ", ".join(f"k{i:02d}" for i in range(20)) + ", ... and 5 more"
     assert lines[2:] == ["  unexpected (1): extra", "  wrong shape (1): w: expected (3, 4), found (4, 3)"]
     torch_io.check_names_and_shapes("ckpt.pt", {"w": (3, 4)}, {"w": [3, 4]})  # a list shape is the same shape
+
+
+@pytest.mark.parametrize("found", [{"w": (3, 4)}, {"w": (3, 4), "x": (1,), "extra": (1,)}, {"w": (4, 3), "x": (1,)}])
+def test_any_one_kind_of_mismatch_alone_is_refused(found):
+    """Only missing x; only an unexpected key; only a wrong shape."""
+    expected = {"w": (3, 4), "x": (1,)}
+    with pytest.raises(CheckpointError, match="the weights do not match the model"):
+        torch_io.check_names_and_shapes("ckpt.pt", expected, found)
+
+
+@pytest.mark.parametrize("count, tail", [(20, ""), (21, ", ... and 1 more")])
+def test_the_listing_is_cut_after_twenty(count, tail):
+    expected = {f"k{i:02d}": (1,) for i in range(count)}
+    with pytest.raises(CheckpointError) as error:
+        torch_io.check_names_and_shapes("ckpt.pt", expected, {})
+    assert str(error.value).splitlines()[1] == f"  missing ({count}): " + ", ".join(
+        f"k{i:02d}" for i in range(20)) + tail
