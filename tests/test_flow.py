@@ -1,11 +1,17 @@
 """The rectified-flow objective: schedule, weighting, conditioning branches, target-half loss."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from recam_jax import flow
+
+OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peers",
+                        "recammaster")
 
 
 def test_shifted_grid_matches_the_official_formula():
@@ -39,6 +45,20 @@ def test_bsmntw_weights_average_one_over_the_whole_grid_and_ignore_the_batch():
     single = flow.loss_weight(grid[500:501], cfg)  # batch of one: finite, the same value as in the grid
     assert np.isfinite(single).all() and float(single[0]) == pytest.approx(float(weights[500]), rel=1e-6)
     assert float(weights.max()) > 1 > float(weights.min()) >= 0
+
+
+def test_bsmntw_weights_equal_the_official_schedulers_on_its_grid():
+    """DiffSynth's FlowMatchScheduler as ReCamMaster trains with it (shift 5, σ_min 0, extra step)."""
+    source = os.path.join(OFFICIAL, "diffsynth", "schedulers", "flow_match.py")
+    if not os.path.exists(source):
+        pytest.skip(f"the official ReCamMaster source is not at {OFFICIAL} (../shared/peers is optional)")
+    spec = importlib.util.spec_from_file_location("official_flow_match", source)
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    scheduler = official.FlowMatchScheduler(shift=5, sigma_min=0.0, extra_one_step=True)
+    scheduler.set_timesteps(1000, training=True)
+    ours = flow.loss_weight(jnp.asarray(scheduler.sigmas.numpy()), flow.FlowConfig(shift=5.0, loss_weighting="bsmntw"))
+    np.testing.assert_allclose(ours, scheduler.linear_timesteps_weights.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def keys(seed, batch):
@@ -124,6 +144,19 @@ def test_predicting_the_true_velocity_gives_zero_loss_and_its_negation_four_time
     zero, _ = flow.flow_loss(lambda latents, *_: jnp.zeros_like(latents), keys(10, 6), batch, cfg)
     assert float(exact) < 1e-6 * float(zero)
     np.testing.assert_allclose(negated, 4 * zero, rtol=1e-4)
+
+
+def test_a_given_sigma_replaces_the_drawn_one():
+    """Evaluation fixes the noise levels: the model must see exactly those."""
+    batch, sigma, seen = batch_of(jax.random.key(11)), jnp.linspace(0.1, 0.9, 6), {}
+
+    def apply_fn(latents, timesteps, text, camera):
+        seen["timesteps"] = timesteps
+        return jnp.zeros_like(latents)
+
+    _, aux = flow.flow_loss(apply_fn, keys(12, 6), batch, flow.FlowConfig(), sigma=sigma)
+    np.testing.assert_array_equal(aux["sigma"], sigma)
+    np.testing.assert_allclose(seen["timesteps"], sigma * 1000, rtol=1e-6)
 
 
 def test_unknown_weighting_or_sampling_is_refused_naming_the_field():

@@ -138,6 +138,18 @@ def test_unknown_logical_name_is_an_error_not_a_mesh_axis():
         sharding.logical_to_spec(("act_batch", "act_time"))
 
 
+def test_constrain_shards_by_the_rules_inside_a_mesh_and_is_a_no_op_outside():
+    x = jnp.arange(32.0).reshape(8, 4)
+    assert sharding.constrain(x, ("act_batch", None)) is x  # no mesh: single device
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.set_mesh(mesh):
+        assert sharding.constrain(x, ("act_batch", None)) is x  # a mesh but no rules
+        with nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+            y = jax.jit(lambda x: sharding.constrain(x + 1, ("act_batch", "act_heads")))(x)
+    assert y.sharding.spec == PartitionSpec(("data", "fsdp"), "tensor")
+    np.testing.assert_array_equal(y, x + 1)
+
+
 def test_rule_sets_replace_only_their_rows():
     rules = dict(sharding.rules_for("tensor_only"))
     assert rules["embed"] is None and rules["heads"] == "tensor" and rules["act_batch"] == ("data", "fsdp")

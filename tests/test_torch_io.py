@@ -1,0 +1,146 @@
+"""Weight files without a model: every dtype through both formats, read back by torch and safetensors
+themselves, and each refusal naming the file (seconds)."""
+
+import json
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recam_jax import torch_io
+from recam_jax.torch_io import CheckpointError
+
+
+def every_dtype():
+    rng = np.random.default_rng(0)
+    tensors = {f"t.{np.dtype(dt).name}": (rng.standard_normal((2, 3)) * 50).astype(dt)
+               for dt in torch_io.SAFETENSORS_DTYPES.values()}
+    tensors["scalar"] = np.array(3.5, np.float32)
+    tensors["bf16"] = rng.standard_normal(5).astype(ml_dtypes.bfloat16)
+    return tensors
+
+
+def assert_same(got, want):
+    assert set(got) == set(want)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_every_dtype_round_trips_and_the_official_readers_agree(tmp_path, suffix):
+    tensors, path = every_dtype(), str(tmp_path / f"w{suffix}")
+    metadata = {"recam_jax": "x"} if suffix == ".safetensors" else None
+    torch_io.save_state_dict(tensors, path, metadata)
+    official = load_file(path) if suffix == ".safetensors" else torch.load(path, weights_only=True)
+    assert list(official) == list(tensors)  # the writer's order
+    assert_same({k: torch_io.tensor_to_numpy(v) for k, v in official.items()}, tensors)
+    opened = torch_io.open_state_dict(path)
+    assert opened.shapes == {k: v.shape for k, v in tensors.items()}
+    assert opened.dtypes == {k: v.dtype for k, v in tensors.items()}
+    assert_same(dict(opened), tensors)
+    assert opened.metadata == (metadata or {}) and len(opened) == len(tensors)
+    with pytest.raises(KeyError, match=r"'nope' is not in .*w"):
+        opened["nope"]
+
+
+def test_safetensors_header_is_8_byte_aligned_and_written_without_metadata_when_none(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    torch_io.save_state_dict({"a": np.ones(3, np.float16)}, path)
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    assert size % 8 == 0 and header == {"a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}}
+
+
+def test_refusals_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"w\.npz: unknown output type"):
+        torch_io.save_state_dict({"a": np.ones(1)}, str(tmp_path / "w.npz"))
+    with pytest.raises(ValueError, match=r"w\.ckpt: a PyTorch pickle of tensors has no place for metadata"):
+        torch_io.save_state_dict({"a": np.ones(1)}, str(tmp_path / "w.ckpt"), {"k": "v"})
+    assert not (tmp_path / "w.ckpt").exists()
+    with pytest.raises(CheckpointError, match=r"absent\.ckpt: no such file"):
+        torch_io.open_state_dict(str(tmp_path / "absent.ckpt"))
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"w\.npz: unknown weight file type"):
+        torch_io.open_state_dict(str(tmp_path / "w.npz"))
+    lying = torch_io.LazyTensor((2,), np.dtype(np.float32), lambda: np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"lying: declared \(2,\) float32, produced \(3,\) float32"):
+        torch_io.save_state_dict({"lying": lying}, str(tmp_path / "l.safetensors"))
+
+
+def test_a_folder_opens_its_one_weight_file_or_lists_what_it_found(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "one.safetensors"))
+    opened = torch_io.open_state_dict(str(tmp_path))
+    assert list(opened) == ["a"]
+    with pytest.raises(KeyError, match=re.escape(str(tmp_path))):  # errors name the folder asked for
+        opened["b"]
+    save_file({"b": torch.ones(2)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(CheckpointError, match=r"expected one '\*.safetensors.index.json' or one '\*.safetensors'") as e:
+        torch_io.open_state_dict(str(tmp_path))
+    assert str(tmp_path) in str(e.value) and "one.safetensors" in str(e.value) and "two.safetensors" in str(e.value)
+
+
+def test_a_sharded_index_joins_its_shards_and_names_missing_ones(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "s2.safetensors"))
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    for path in (index, tmp_path):  # the index, or the folder holding it (a sharded release)
+        opened = torch_io.open_state_dict(str(path))
+        assert opened.shapes == {"a": (2,), "b": (3,)} and float(opened["a"][0]) == 1.0
+        assert opened.path == str(index)
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "c": "s3.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"index\.json: shard files listed in the index are missing: .*s3"):
+        torch_io.open_state_dict(str(index))
+    index.write_text(json.dumps({"weights": {}}))
+    with pytest.raises(CheckpointError, match=r"index\.json: not a safetensors index with a 'weight_map'"):
+        torch_io.open_state_dict(str(index))
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "module"])
+def test_a_wrapped_state_dict_is_unwrapped(tmp_path, wrapper):
+    torch.save({wrapper: {"a": torch.arange(3.0)}}, tmp_path / "w.pt")
+    opened = torch_io.open_state_dict(str(tmp_path / "w.pt"))
+    np.testing.assert_array_equal(opened["a"], [0.0, 1.0, 2.0])
+
+
+def test_a_pickle_that_is_not_a_flat_dict_of_tensors_is_refused(tmp_path):
+    torch.save({"a": torch.ones(1), "step": torch.ones(1), "nested": {"b": torch.ones(1)}}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w\.pt: expected a flat state dict of tensors"):
+        torch_io.open_state_dict(str(tmp_path / "w.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a readable PyTorch checkpoint"):
+        torch_io.open_state_dict(str(tmp_path / "junk.pt"))
+
+
+def test_name_and_shape_check_lists_each_problem_and_caps_long_lists():
+    expected = {f"k{i:02d}": (2,) for i in range(25)} | {"w": (3, 4)}
+    found = {"w": (4, 3), "extra": (1,)}
+    with pytest.raises(CheckpointError) as error:
+        torch_io.check_names_and_shapes("ckpt.pt", expected, found)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "ckpt.pt: the weights do not match the model."
+    assert lines[1] == "  missing (25): " + ", ".join(f"k{i:02d}" for i in range(20)) + ", ... and 5 more"
+    assert lines[2:] == ["  unexpected (1): extra", "  wrong shape (1): w: expected (3, 4), found (4, 3)"]
+    torch_io.check_names_and_shapes("ckpt.pt", {"w": (3, 4)}, {"w": [3, 4]})  # a list shape is the same shape
+
+
+@pytest.mark.parametrize("found", [{"w": (3, 4)}, {"w": (3, 4), "x": (1,), "extra": (1,)}, {"w": (4, 3), "x": (1,)}])
+def test_any_one_kind_of_mismatch_alone_is_refused(found):
+    """Only missing x; only an unexpected key; only a wrong shape."""
+    expected = {"w": (3, 4), "x": (1,)}
+    with pytest.raises(CheckpointError, match="the weights do not match the model"):
+        torch_io.check_names_and_shapes("ckpt.pt", expected, found)
+
+
+@pytest.mark.parametrize("count, tail", [(20, ""), (21, ", ... and 1 more")])
+def test_the_listing_is_cut_after_twenty(count, tail):
+    expected = {f"k{i:02d}": (1,) for i in range(count)}
+    with pytest.raises(CheckpointError) as error:
+        torch_io.check_names_and_shapes("ckpt.pt", expected, {})
+    assert str(error.value).splitlines()[1] == f"  missing ({count}): " + ", ".join(
+        f"k{i:02d}" for i in range(20)) + tail
