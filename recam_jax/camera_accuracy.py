@@ -17,8 +17,6 @@ the reason, with the feature and match counts behind it.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 
 import numpy as np
 
@@ -97,11 +95,11 @@ def estimate_poses(frames: np.ndarray, workdir: str, focal_px: float | None = No
     import imageio.v3 as iio
     import pycolmap
 
-    images, database, sparse = (os.path.join(workdir, name) for name in ("images", "database.db", "sparse"))
-    os.makedirs(images, exist_ok=True)
+    images, database, sparse = (storage.join(workdir, name) for name in ("images", "database.db", "sparse"))
+    storage.makedirs(images)
     names = [f"frame{k:05d}.png" for k in range(len(frames))]
     for name, frame in zip(names, frames):
-        iio.imwrite(os.path.join(images, name), frame)
+        iio.imwrite(storage.join(images, name), frame)
     height, width = frames.shape[1:3]
 
     reader = pycolmap.ImageReaderOptions()
@@ -155,11 +153,11 @@ def camera_accuracy(frames: np.ndarray, requested_c2w: np.ndarray, focal_px: flo
     """
     if len(frames) != len(requested_c2w):
         raise ValueError(f"{len(frames)} frames but {len(requested_c2w)} requested camera poses")
-    if workdir and os.path.isdir(workdir) and os.listdir(workdir):
+    if workdir and storage.isdir(workdir) and storage.listdir(workdir):
         raise ValueError(f"{workdir}: not empty; COLMAP's folder must start empty (its database would mix runs)")
-    with tempfile.TemporaryDirectory() as scratch:
+    with storage.local_folder(workdir or None) as folder:
         try:
-            estimated = estimate_poses(frames, workdir or scratch, focal_px)
+            estimated = estimate_poses(frames, folder, focal_px)
         except CouldNotReconstruct as e:
             return Accuracy(frames=len(frames), failure=str(e))
     rot_err, trans_err = errors(requested_c2w, estimated)

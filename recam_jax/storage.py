@@ -232,6 +232,20 @@ def _download(path, folder: str) -> str:
 
 
 @contextlib.contextmanager
+def local_folder(path=None):
+    """A local folder for the block, for libraries that work only in local folders (COLMAP): `path`
+    itself (created) if given, else a temporary folder removed afterwards. `path` must be local."""
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix="recam_jax-") as folder:
+            yield folder
+        return
+    if is_remote(path):
+        raise ValueError(f"{path}: must be a local folder (the library writing there cannot write to a bucket)")
+    makedirs(path)
+    yield os.fspath(path)
+
+
+@contextlib.contextmanager
 def local_output(path):
     """A local file name to write to; its contents appear at `path` (whole) when the block exits
     without an exception. For libraries that write only to local file names."""

@@ -111,3 +111,15 @@ def test_checkpoints_go_to_the_bucket_not_a_local_folder_named_gs(gcs_bucket, tm
     assert storage.exists(storage.join(workdir, "checkpoints", "1")) and not os.listdir(tmp_path)
     restored = manager.restore(1, args=ocp.args.StandardRestore({"w": np.zeros(3)}))
     np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+
+
+def test_a_local_folder_for_local_only_libraries(tmp_path):
+    with storage.local_folder() as scratch:
+        assert os.path.isdir(scratch)
+    assert not os.path.exists(scratch)  # a temporary folder is removed afterwards
+    with storage.local_folder(str(tmp_path / "kept")) as folder:
+        pathlib.Path(folder, "f").write_text("x")
+    assert (tmp_path / "kept" / "f").read_text() == "x"  # a given folder is kept
+    with pytest.raises(ValueError, match="gs://bucket/colmap: must be a local folder"):
+        with storage.local_folder("gs://bucket/colmap"):
+            pass
