@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Attention backend (recam_jax/models/attention.py): splash (TPU kernel), cudnn (GPU), xla
     # (reference; materialises L×L logits), ring / ulysses / ulysses_splash (context parallel).
     c.model.attention = "splash"
+    # What the camera path reads (recam_jax/models/camera_encoding.py): official (relative poses, the
+    # released layout), intrinsics (+ per-frame focal and principal point of target and source) or
+    # plucker (+ per-token rays of the target camera). The extra modules start at zero (a no-op);
+    # non-official runs export .safetensors, which keeps them.
+    c.model.camera_encoding = "official"
 
     # PyTorch weights (Wan2.1, diffusers or ReCamMaster layout) or a recam_jax params folder to
     # start from; empty = random init. Camera modules start at their official init when absent.

@@ -3,8 +3,8 @@
 An example is (scene, target camera, source camera): every (scene, target camera) pair once per
 epoch, in a global shuffle (by seed, different every epoch) of the split's scenes, with a source
 camera drawn among the 9 others. It reads 3 records (target, source, the scene's text), computes
-the camera input on the fly (cameras.training_camera), casts bfloat16 to float32 and zero-pads the
-text to `text_len`. Every process walks the same global order and reads only its `rows` of each
+the camera input on the fly (cameras.training_camera; the lenses: cameras.training_intrinsics),
+casts bfloat16 to float32 and zero-pads the text to `text_len`. Every process walks the same global order and reads only its `rows` of each
 global batch (`recam_jax.batch.rows_of_global_batches`; the trainer passes the rows its devices
 hold), so a global batch is the same for any number of processes; shards are opened on first read.
 Reads go through the stored record offsets, with CRC and shape checks.
@@ -89,6 +89,8 @@ class ExampleLoader:
         self.text_len = text_len
         self.skip_corrupt = skip_corrupt
         self.skipped = 0
+        _, height, width, _ = reader.shapes.latent_shape
+        self.aspect = width / height  # of the frames, for the focal length in image heights
 
     def _camera(self, location: SceneLocation, scene_id: str, camera: int) -> dict:
         where = _where(self.reader, location, camera)
@@ -112,6 +114,8 @@ class ExampleLoader:
             "text_embeds": text_embeds,
             "text_lengths": np.int32(text_length),
             "camera": cameras.training_camera(source_record["extrinsics"], target_record["extrinsics"]),
+            "intrinsics": cameras.training_intrinsics(source_record["focal_length_mm"], target_record["focal_length_mm"],
+                                                      target_record["sensor_size_mm"][0], self.aspect),
         }
 
     def __call__(self, element: dict) -> dict | None:

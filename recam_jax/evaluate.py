@@ -6,7 +6,9 @@ Camera sensitivity: the loss with each example's true camera and with the camera
 the batch (rolled by one, so every example gets another's trajectory), at the same noise and
 timesteps. The gap is what the model gets from the camera: 0 when it ignores it (the camera
 encoder at its zero init), positive once it follows the camera. The trainer logs the three
-numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`).
+numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`); a model whose
+camera encoding reads the lens (intrinsics, plucker) also gets the loss with only the lenses
+shuffled and its gap (`eval_loss_shuffled_intrinsics`, `intrinsics_gap`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,17 @@ def fixed_noise_loss(model, batch: dict, flow_cfg: flow.FlowConfig) -> jax.Array
 
 
 def camera_sensitivity(model, batch: dict, flow_cfg: flow.FlowConfig) -> dict[str, jax.Array]:
-    """The fixed-noise loss with the true cameras and with the batch's cameras rolled by one, and the gap."""
+    """The fixed-noise loss with the true cameras and with the batch's cameras (poses and lenses) rolled
+    by one, and the gap; for a model whose camera encoding reads the lens, also the loss and gap with
+    only the intrinsics rolled (`intrinsics_gap`: what the focal inputs are worth)."""
+    rolled = lambda *keys: {**batch, **{key: jnp.roll(batch[key], 1, axis=0) for key in keys}}
     true = fixed_noise_loss(model, batch, flow_cfg)
-    shuffled = fixed_noise_loss(model, {**batch, "camera": jnp.roll(batch["camera"], 1, axis=0)}, flow_cfg)
-    return {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true}
+    shuffled = fixed_noise_loss(model, rolled("camera", *(["intrinsics"] if "intrinsics" in batch else [])), flow_cfg)
+    metrics = {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true}
+    if model.cfg.camera_encoding != "official" and "intrinsics" in batch:
+        lens_shuffled = fixed_noise_loss(model, rolled("intrinsics"), flow_cfg)
+        metrics.update(eval_loss_shuffled_intrinsics=lens_shuffled, intrinsics_gap=lens_shuffled - true)
+    return metrics
 
 
 def mean_metrics(per_batch: list[dict]) -> dict[str, float]:
