@@ -391,6 +391,8 @@ def pytorch_tensors(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source
     _, flat = _param_state(abstract_model(_per_block(cfg)))
     table = weight_table(cfg)
     held = {w.path[-2] for w in table if _is_camera(w) and name_of(w) in state_dict}  # each all or nothing
+    if held & {"cam_encoder", "projector"}:  # ReCamMaster's two come together
+        held |= {"cam_encoder", "projector"}
     shapes = {w.wan: _torch_shape(flat[w.path].shape, w.kind) for w in table}
     expected = {name_of(w): shapes[w.wan] for w in table if not _is_camera(w) or w.path[-2] in held}
     found = getattr(state_dict, "shapes", None) or {k: tuple(v.shape) for k, v in state_dict.items()}
