@@ -34,14 +34,14 @@ def make_shards(directory: str, num_scenes: int) -> str:
     return out
 
 
-def run(encoding: str, shards: str, workdir: str, steps: int, seed: int) -> dict:
+def run(encoding: str, shards: str, workdir: str, steps: int, seed: int, eval_every: int) -> dict:
     """Trains one encoding (or reuses a finished run) and returns its final eval record."""
     config = demo.get_config()
     config.seed, config.steps, config.data.path = seed, steps, shards
     config.model.camera_encoding = encoding
     config.optimizer.decay_steps = steps - config.optimizer.warmup_steps
     config.data.eval_pairs_per_scene = 10  # every target camera of each held-out scene
-    config.eval_every = config.checkpoint_every = steps
+    config.eval_every, config.checkpoint_every = eval_every or steps, steps
     train.train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -54,11 +54,12 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=16, help="demo scenes (a quarter held out)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps (metrics.jsonl)")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
     args = parser.parse_args(argv)
     shards = make_shards(args.dir, args.scenes)
-    results = {e: run(e, shards, os.path.join(args.dir, f"{e}_seed{args.seed}_steps{args.steps}"), args.steps, args.seed)
-               for e in args.encodings}
+    results = {e: run(e, shards, os.path.join(args.dir, f"{e}_seed{args.seed}_steps{args.steps}"), args.steps,
+                      args.seed, args.eval_every) for e in args.encodings}
     print(f"\n{args.scenes} scenes, {args.steps} steps, seed {args.seed}")
     print("| encoding | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")

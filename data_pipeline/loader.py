@@ -3,8 +3,8 @@
 An example is (scene, target camera, source camera): every (scene, target camera) pair once per
 epoch, in a global shuffle (by seed, different every epoch) of the split's scenes, with a source
 camera drawn among the 9 others. It reads 3 records (target, source, the scene's text), computes
-the camera input on the fly (cameras.training_camera; the lenses: cameras.training_intrinsics),
-casts bfloat16 to float32 and zero-pads the text to `text_len`. Every process walks the same global order and reads only its `rows` of each
+the camera input on the fly (cameras.training_camera), casts bfloat16 to float32 and zero-pads the
+text to `text_len`. Every process walks the same global order and reads only its `rows` of each
 global batch (`recam_jax.batch.rows_of_global_batches`; the trainer passes the rows its devices
 hold), so a global batch is the same for any number of processes; shards are opened on first read.
 Reads go through the stored record offsets, with CRC and shape checks.

@@ -37,14 +37,14 @@ class SyntheticExample:
         length = int(rng.integers(1, self.text_len + 1))
         text = np.zeros((self.text_len, self.text_dim), np.float32)
         text[:length] = rng.standard_normal((length, self.text_dim))
+        lens = normalised_intrinsics(np.full(frames, NOMINAL_FOCAL_MM), SENSOR_SIZE_MM, width / height)
         return {
             "target_latents": target.astype(np.float32),
             "source_latents": field.astype(np.float32),
             "text_embeds": text,
             "text_lengths": np.int32(length),
             "camera": camera.reshape(frames, CAMERA_DIM).astype(np.float32),
-            "intrinsics": np.tile(normalised_intrinsics(np.full(frames, NOMINAL_FOCAL_MM), SENSOR_SIZE_MM, width / height),
-                                  (1, 2)),
+            "intrinsics": np.concatenate([lens, lens], axis=-1),  # target, source
         }
 
 

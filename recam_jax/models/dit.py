@@ -144,10 +144,11 @@ class DiTBlock(nnx.Module):
         else:
             self.cam_encoder = self.projector = None
         # The camera encoding's extra module (zero init: a no-op until trained), or None.
-        extra = lambda name, in_dim: dense(in_dim, cfg.dim, (None, "embed"), kernel_init=CAMERA_INIT[name], **kw)
-        is_encoding = lambda name: cfg.camera_encoding == name
-        self.intrinsics_encoder = extra("intrinsics_encoder", camera_encoding.INTRINSICS_DIM) if is_encoding("intrinsics") else None
-        self.plucker_encoder = extra("plucker_encoder", camera_encoding.PLUCKER_DIM) if is_encoding("plucker") else None
+        extra = lambda encoding, name, in_dim: (
+            dense(in_dim, cfg.dim, (None, "embed"), kernel_init=CAMERA_INIT[name], **kw)
+            if cfg.camera_encoding == encoding else None)
+        self.intrinsics_encoder = extra("intrinsics", "intrinsics_encoder", camera_encoding.INTRINSICS_DIM)
+        self.plucker_encoder = extra("plucker", "plucker_encoder", camera_encoding.PLUCKER_DIM)
 
     def __call__(self, x, context, t_mod, rope, camera, grid):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
