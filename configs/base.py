@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     # backward's dK/dV and dQ kernels' (recam_jax/models/attention.py SplashBlocks).
     c.model.splash_blocks = ml_collections.ConfigDict(
         dict(q=512, kv=512, q_dkv=512, kv_dkv=512, q_dq=512, kv_dq=512))
+    # What the camera path reads (recam_jax/models/camera_encoding.py): official (relative poses, the
+    # released layout), intrinsics (+ per-frame focal and principal point of target and source) or
+    # plucker (+ per-token rays of the target camera). The extra modules start at zero (a no-op);
+    # non-official runs export .safetensors, which keeps them.
+    c.model.camera_encoding = "official"
 
     # PyTorch weights (Wan2.1, diffusers or ReCamMaster layout) or a recam_jax params folder to
     # start from; empty = random init. Camera modules start at their official init when absent.

@@ -77,3 +77,24 @@ def training_camera(source_unreal: np.ndarray, target_unreal: np.ndarray) -> np.
 def inference_camera(target_unreal: np.ndarray) -> np.ndarray:
     """Camera input at inference (official): the target trajectory relative to its own frame 0."""
     return relative_poses(target_unreal[0], target_unreal[::LATENT_FRAME_STRIDE])
+
+
+def normalised_intrinsics(focal_mm: np.ndarray, sensor_width_mm: float, aspect: float) -> np.ndarray:
+    """(n, 4) float32 (fx, fy, cx, cy) of a lens per frame: the focal length in image widths and in image
+    heights (square pixels; `aspect` = width / height), the principal point at the centre.
+
+    Assumes the frame's width spans the sensor's width, as in MultiCamVideo's renders and the demo's;
+    a centre crop keeps the principal point at 0.5.
+    """
+    fx = np.asarray(focal_mm, np.float64) / sensor_width_mm
+    centre = np.full_like(fx, 0.5)
+    return np.stack([fx, fx * aspect, centre, centre], axis=-1).astype(np.float32)
+
+
+def training_intrinsics(source_focal_mm: np.ndarray, target_focal_mm: np.ndarray, sensor_width_mm: float,
+                        aspect: float) -> np.ndarray:
+    """Model intrinsics input (latent_frames, 8): target then source lens at video frames 0, 4, ...
+
+    Each focal array holds one value per video frame (a zoom changes it along the clip)."""
+    lens = lambda focal: normalised_intrinsics(np.asarray(focal)[::LATENT_FRAME_STRIDE], sensor_width_mm, aspect)
+    return np.concatenate([lens(target_focal_mm), lens(source_focal_mm)], axis=-1)

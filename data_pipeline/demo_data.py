@@ -6,6 +6,10 @@ with the very poses written to `camera_extrinsics.json` in the Unreal convention
 right, up axes, last row = position in cm, left-handed world: x forward, y right, z up), so the
 videos and the cameras agree the way the real dataset's do.
 
+Every scene has its folder's lens (18, 24, 35 or 50 mm, as MultiCamVideo). With `--varying_focal`
+each camera gets its own lens and some zoom (`focal_curves`: two dolly zooms and a zoom), written to
+`cameras/focal_lengths.json` (data_pipeline/multicam.py), so the lens is an input worth reading.
+
     python -m data_pipeline.demo_data --out /tmp/multicam_demo --num_scenes 8 --prepare_to /tmp/shards
 
 also writes a random tiny umT5 (`/tmp/multicam_demo/tiny_umt5`) for `prepare --text_encoder_dir`.
@@ -18,11 +22,12 @@ import csv
 import numpy as np
 
 from data_pipeline import video
-from data_pipeline.multicam import CAMERAS, write_extrinsics
+from data_pipeline.multicam import CAMERAS, FOCAL_FILE, write_extrinsics, write_focal_lengths
 from data_pipeline.text_encoder import write_tiny_umt5
 from recam_jax import storage
 
 FOCAL_FOLDERS = ("f18_aperture10", "f24_aperture5", "f35_aperture2.4", "f50_aperture2.4")
+FOCALS_MM = (18.0, 24.0, 35.0, 50.0)
 SENSOR_MM = 23.76
 WORDS = "a ball circles over red green blue yellow checkerboard floor filmed by moving cameras".split()
 # Per camera: (yaw at start, yaw swing, height change, radius change) in degrees / cm over the clip.
@@ -56,6 +61,19 @@ def camera_path(camera: int, num_frames: int) -> np.ndarray:
     return np.stack(poses)
 
 
+def focal_curves(num_frames: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """Focal lengths (frames,) per camera for a varying-focal scene: a lens drawn from FOCALS_MM each;
+    cameras 3 and 4 (the dollies) dolly-zoom (the lens follows the distance to the centre, which keeps
+    its size) and camera 5 zooms to twice its lens."""
+    t = np.linspace(0.0, 1.0, num_frames)
+    curves = {camera: np.full(num_frames, rng.choice(FOCALS_MM)) for camera in CAMERAS}
+    for camera in (3, 4):
+        dolly = _TRAJECTORIES[camera - 1][3]
+        curves[camera] = curves[camera] * (600 + dolly * t) / 600
+    curves[5] = curves[5] * (1 + t)
+    return curves
+
+
 def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: float, colours: np.ndarray) -> np.ndarray:
     """One uint8 frame (height, width, 3): rays through the pixels hit the ball or the floor."""
     forward, right, up, position = pose[0, :3], pose[1, :3], pose[2, :3], pose[3, :3]
@@ -74,24 +92,33 @@ def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: flo
     return np.where(hits_ball[..., None], colours[3], image).astype(np.uint8)
 
 
-def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, width: int, seed: int) -> None:
-    """One scene folder: cameras/camera_extrinsics.json and videos/cam01..cam10.mp4."""
+def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, width: int, seed: int,
+                varying_focal: bool = False) -> None:
+    """One scene folder: cameras/camera_extrinsics.json, videos/cam01..cam10.mp4 and, with
+    `varying_focal`, cameras/focal_lengths.json."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     paths = {camera: camera_path(camera, num_frames) for camera in CAMERAS}
     write_extrinsics(storage.join(scene_dir, "cameras", "camera_extrinsics.json"), paths)
+    focal = {camera: np.full(num_frames, focal_mm) for camera in CAMERAS}
+    if varying_focal:
+        focal = focal_curves(num_frames, rng)
+        write_focal_lengths(storage.join(scene_dir, "cameras", FOCAL_FILE), focal)
     for camera in CAMERAS:
-        frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal_mm, colours) for k in range(num_frames)])
+        frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal[camera][k], colours)
+                           for k in range(num_frames)])
         video.write_video(storage.join(scene_dir, "videos", f"cam{camera:02d}.mp4"), frames)
 
 
-def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int = 48, width: int = 80) -> str:
+def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int = 48, width: int = 80,
+                  varying_focal: bool = False) -> str:
     """A MultiCamVideo-shaped dataset under `root`/train plus `root`/captions.csv; returns the CSV path."""
     rows = []
     for i in range(num_scenes):
         scene_id = f"{FOCAL_FOLDERS[i % len(FOCAL_FOLDERS)]}/scene{i + 1}"
         focal = float(scene_id.split("_")[0][1:])
-        write_scene(storage.join(root, "train", scene_id), focal, num_frames, height, width, seed=i)
+        write_scene(storage.join(root, "train", scene_id), focal, num_frames, height, width, seed=i,
+                    varying_focal=varying_focal)
         if i % 4 != 3:  # every fourth scene has no caption, like scenes a caption file misses
             rows.append({"file_name": scene_id, "text": " ".join(np.random.default_rng(i).choice(WORDS, 8))})
     captions = storage.join(root, "captions.csv")
@@ -122,9 +149,10 @@ def main() -> None:
     parser.add_argument("--num_frames", type=int, default=17)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--varying_focal", action="store_true", help="a lens per camera, dolly zooms and a zoom")
     parser.add_argument("--prepare_to", help="also encode it into shards here (tiny random VAE and umT5)")
     args = parser.parse_args()
-    print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width))
+    print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width, args.varying_focal))
     write_tiny_umt5(storage.join(args.out, "tiny_umt5"), WORDS)  # a random text encoder to prepare with
     if args.prepare_to:
         prepare_demo(args.out, args.prepare_to, num_frames=args.num_frames, height=args.height, width=args.width,

@@ -92,6 +92,8 @@ class ExampleLoader:
         self.scenes = scenes
         self.text_len = text_len
         self.skip_corrupt = skip_corrupt
+        _, height, width, _ = reader.shapes.latent_shape
+        self.aspect = width / height  # of the frames, for the focal length in image heights
 
     def _record(self, location: SceneLocation, offset: int) -> dict:
         """Record `offset` of a scene (0: its scene record, 1..10: its cameras), checked to be that one."""
@@ -114,6 +116,8 @@ class ExampleLoader:
             "text_embeds": text_embeds,
             "text_lengths": np.int32(text_length),
             "camera": cameras.training_camera(source_record["extrinsics"], target_record["extrinsics"]),
+            "intrinsics": cameras.training_intrinsics(source_record["focal_length_mm"], target_record["focal_length_mm"],
+                                                      target_record["sensor_size_mm"][0], self.aspect),
         }
 
     def __call__(self, element: dict) -> dict:

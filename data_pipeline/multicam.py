@@ -4,6 +4,11 @@ Layout (one scene = 10 synchronised cameras filming the same animated scene):
 
     ROOT/train/<focal_aperture>/<scene>/videos/cam01.mp4 ... cam10.mp4
     ROOT/train/<focal_aperture>/<scene>/cameras/camera_extrinsics.json   frameK -> camXX -> matrix
+    ROOT/train/<focal_aperture>/<scene>/cameras/focal_lengths.json       optional: camXX -> [mm per frame]
+
+Every camera has the folder's focal length (f18 -> 18 mm); `focal_lengths.json`, a recam_jax
+extension that MultiCamVideo does not ship, gives some cameras their own lens or a zoom (the demo
+data's focal ramps).
 
 A scene id is its path below the split folder, e.g. "f18_aperture10/scene1". The released archives
 hold broken scenes (missing or truncated files, partial JSON); `validate_scene` names what is wrong
@@ -26,6 +31,7 @@ from recam_jax import storage
 NUM_CAMERAS = 10
 CAMERAS = tuple(range(1, NUM_CAMERAS + 1))  # numbered as in the files: cam01 ... cam10
 SENSOR_SIZE_MM = 23.76  # square sensor of every MultiCamVideo camera
+FOCAL_FILE = "focal_lengths.json"
 _FOCAL_FOLDER = re.compile(r"^f(\d+(?:\.\d+)?)_")  # "f18_aperture10" -> 18 mm
 
 
@@ -48,6 +54,10 @@ class Scene:
     @property
     def extrinsics_path(self) -> str:
         return storage.join(self.path, "cameras", "camera_extrinsics.json")
+
+    @property
+    def focal_path(self) -> str:
+        return storage.join(self.path, "cameras", FOCAL_FILE)
 
     def video_path(self, camera: int) -> str:
         return storage.join(self.path, "videos", f"cam{camera:02d}.mp4")
@@ -104,6 +114,31 @@ def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
                   for k in range(num_frames)}
     with storage.atomic_open(path, "w") as f:
         json.dump(extrinsics, f, indent=4)
+
+
+def read_focal_lengths(scene: Scene, num_frames: int) -> np.ndarray:
+    """Focal lengths (cameras, frames) in mm: the folder's lens, or a camera's curve from `focal_lengths.json`."""
+    focal = np.full((NUM_CAMERAS, num_frames), scene.focal_length_mm)
+    if not storage.exists(scene.focal_path):
+        return focal
+    try:
+        with storage.open(scene.focal_path, encoding="utf-8") as f:
+            curves = json.load(f)
+        for key, values in curves.items():
+            camera = int(key.removeprefix("cam")) if re.fullmatch(r"cam\d\d", key) else 0
+            curve = np.asarray(values, np.float64)
+            if camera not in CAMERAS or curve.shape != (num_frames,) or not np.all(curve > 0):
+                raise ValueError(f"{key!r} must be cam01..cam10 with {num_frames} positive lengths")
+            focal[camera - 1] = curve
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise SceneError(f"{scene.focal_path}: bad focal lengths ({e})") from e
+    return focal
+
+
+def write_focal_lengths(path: str, curves: dict[int, np.ndarray]) -> None:
+    """A `focal_lengths.json` from focal lengths (frames,) in mm per camera number."""
+    with storage.atomic_open(path, "w") as f:
+        json.dump({f"cam{c:02d}": [round(float(x), 4) for x in curve] for c, curve in curves.items()}, f)
 
 
 def validate_scene(scene: Scene, num_frames: int) -> np.ndarray:

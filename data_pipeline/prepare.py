@@ -156,9 +156,10 @@ class SceneEncoder:
     def __call__(self, scene: Scene, extrinsics: np.ndarray, videos: np.ndarray) -> list[bytes]:
         latents = self.latents(videos)
         caption, _ = self.caption(scene)
+        focal = multicam.read_focal_lengths(scene, self.config.num_frames)
         records = [schema.scene_record(scene.scene_id, caption, self.encode_text(caption))]
         for i, camera in enumerate(CAMERAS):
-            lens = (scene.focal_length_mm, multicam.SENSOR_SIZE_MM)
+            lens = (focal[i], multicam.SENSOR_SIZE_MM)
             records.append(schema.camera_record(scene.scene_id, camera, latents[i], extrinsics[i], *lens))
         return records
 

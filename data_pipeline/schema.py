@@ -17,7 +17,7 @@ A shard holds whole scenes; each scene is 1 + 10 consecutive records:
     latents_shape   int64   [latent_frames, height / 8, width / 8, channels]
     extrinsics      bytes   float64 little-endian, shape (video_frames, 4, 4): the Unreal matrices
                             of the JSON verbatim (see cameras.py for the convention)
-    focal_length_mm float   lens focal length
+    focal_length_mm float   lens focal length: one value, or one per video frame (a zoom)
     sensor_size_mm  float   sensor width and height
 
 One record per camera (not per scene) because an example uses 2 of the 10 cameras: it reads the
@@ -97,9 +97,12 @@ def scene_record(scene_id: str, caption: str, text_embeds: np.ndarray) -> bytes:
 
 
 def camera_record(
-    scene_id: str, camera: int, latents: np.ndarray, extrinsics: np.ndarray, focal_length_mm: float, sensor_size_mm: float
+    scene_id: str, camera: int, latents: np.ndarray, extrinsics: np.ndarray, focal_length_mm, sensor_size_mm: float
 ) -> bytes:
-    """A serialized camera record; `latents` (frames, h, w, C) is stored as bfloat16."""
+    """A serialized camera record; `latents` (frames, h, w, C) is stored as bfloat16, `focal_length_mm`
+    (a number or one per video frame) as one value when it does not change."""
+    focal = np.atleast_1d(np.asarray(focal_length_mm, np.float64))
+    focal = focal[:1] if np.all(focal == focal[0]) else focal
     example = tf_example_pb2.Example()
     _set_bytes(example, "kind", b"camera")
     _set_bytes(example, "scene", scene_id.encode())
@@ -108,7 +111,7 @@ def camera_record(
     _set_bytes(example, "latents", _finite(np.asarray(latents, LATENT_DTYPE), "latents", where).tobytes())
     _set_ints(example, "latents_shape", latents.shape)
     _set_bytes(example, "extrinsics", _finite(np.asarray(extrinsics, EXTRINSICS_DTYPE), "extrinsics", where).tobytes())
-    _set_floats(example, "focal_length_mm", [focal_length_mm])
+    _set_floats(example, "focal_length_mm", focal)
     _set_floats(example, "sensor_size_mm", [sensor_size_mm, sensor_size_mm])
     return example.SerializeToString()
 
@@ -179,16 +182,21 @@ def parse_scene(data: bytes, shapes: Shapes, where: str) -> dict:
 
 
 def parse_camera(data: bytes, shapes: Shapes, where: str) -> dict:
-    """A camera record's latents (bfloat16), Unreal extrinsics (float64) and lens, shapes checked."""
+    """A camera record's latents (bfloat16), Unreal extrinsics (float64) and lens (focal length per
+    video frame, sensor width and height, in mm), shapes checked."""
     fields = _Fields(data, where)
     fields.expect("kind", b"camera")
     if fields.ints("latents_shape") != tuple(shapes.latent_shape):
         raise CorruptRecordError(f"{where}: latents_shape {fields.ints('latents_shape')} != manifest {shapes.latent_shape}")
+    focal, sensor = np.array(fields.floats("focal_length_mm")), np.array(fields.floats("sensor_size_mm"))
+    if len(focal) not in (1, shapes.video_frames) or len(sensor) != 2 or not np.all(np.concatenate([focal, sensor]) > 0):
+        raise CorruptRecordError(f"{where}: focal_length_mm {focal.tolist()} (1 or {shapes.video_frames} values) or "
+                                 f"sensor_size_mm {sensor.tolist()} (2 values) is not positive lengths")
     return {
         "scene": fields.bytes("scene").decode(),
         "camera": fields.int("camera"),
         "latents": fields.array("latents", shapes.latent_shape, LATENT_DTYPE),
         "extrinsics": fields.array("extrinsics", (shapes.video_frames, 4, 4), EXTRINSICS_DTYPE),
-        "focal_length_mm": fields.floats("focal_length_mm"),
-        "sensor_size_mm": fields.floats("sensor_size_mm"),
+        "focal_length_mm": np.broadcast_to(focal, (shapes.video_frames,)),
+        "sensor_size_mm": tuple(sensor),
     }

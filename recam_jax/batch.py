@@ -9,8 +9,12 @@ A batch is a dict of arrays, channels-last like every JAX model here:
 | `text_embeds`    | (batch, text_len, text_dim)        | float32 | umT5 output, zeros past `text_lengths`       |
 | `text_lengths`   | (batch,)                           | int32   | real number of text tokens                   |
 | `camera`         | (batch, frames, 12)                | float32 | target pose relative to the source's frame 0 |
+| `intrinsics`     | (batch, frames, 8)                 | float32 | normalised fx, fy, cx, cy of target, source  |
 
-`frames`, `height`, `width` are latent sizes (81 video frames -> 21; 480x832 -> 60x104). Sources
+`frames`, `height`, `width` are latent sizes (81 video frames -> 21; 480x832 -> 60x104). Intrinsics
+are per latent frame: focal length in image widths and in image heights, principal point as fractions
+of width and height (data_pipeline/cameras.py `normalised_intrinsics`); the official camera encoding
+ignores them (recam_jax/models/camera_encoding.py). Sources
 (synthetic, the grain loader) produce host numpy arrays of exactly this spec: on each process, the
 rows of every global batch that its devices hold (`rows_of_global_batches`).
 """
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CAMERA_DIM = 12  # a 3x4 camera-to-world matrix, flattened row-major
+INTRINSICS_DIM = 8  # (fx, fy, cx, cy) of the target camera, then of the source camera
 
 
 def batch_spec(
@@ -39,6 +44,7 @@ def batch_spec(
         "text_embeds": jax.ShapeDtypeStruct((batch_size, text_len, text_dim), jnp.float32),
         "text_lengths": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
         "camera": jax.ShapeDtypeStruct((batch_size, frames, CAMERA_DIM), jnp.float32),
+        "intrinsics": jax.ShapeDtypeStruct((batch_size, frames, INTRINSICS_DIM), jnp.float32),
     }
 
 

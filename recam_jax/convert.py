@@ -6,7 +6,10 @@ Layouts (detected automatically on import):
 - `recammaster`: `wan` plus `blocks.N.cam_encoder.*` and `blocks.N.projector.*` (the released
   `step20000.ckpt`, a `torch.save` of the state dict);
 - `diffusers`: `WanTransformer3DModel` names (camera modules, if any, under the same extra names).
-A checkpoint without camera modules gets them at ReCamMaster's official init (a no-op).
+A checkpoint without camera modules gets them at ReCamMaster's official init (a no-op); one without
+the extra module of a `camera_encoding` (`blocks.N.intrinsics_encoder.*`, `blocks.N.plucker_encoder.*`)
+gets it at its zero init, so Wan and ReCamMaster weights load into any encoding unchanged. Those
+modules are kept by `.safetensors`, diffusers and orbax; the official `.ckpt` layout refuses them.
 
     python -m recam_jax.convert IN OUT [--num_heads N] [--dtype bfloat16]
 
@@ -39,6 +42,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from recam_jax import storage, torch_io
+from recam_jax.models import camera_encoding
 from recam_jax.models.dit import CAMERA_INIT, VARIANTS, DiTConfig, WanDiT
 from recam_jax.torch_io import CheckpointError, LazyTensor
 
@@ -58,7 +62,7 @@ def _linear(wan: str, diffusers: str, path: tuple) -> list[Weight]:
             Weight(f"{wan}.bias", f"{diffusers}.bias", (*path, "bias"), "copy")]
 
 
-def _block_weights(i: int, camera: bool) -> list[Weight]:
+def _block_weights(i: int, cfg: DiTConfig) -> list[Weight]:
     """The names of block `i`'s tensors; Flax paths are ("blocks", i, ...) in the model's flat state."""
     wan, dif, path = f"blocks.{i}", f"blocks.{i}", ("blocks", i)
     weights = [Weight(f"{wan}.modulation", f"{dif}.scale_shift_table", (*path, "modulation"), "copy"),
@@ -72,10 +76,17 @@ def _block_weights(i: int, camera: bool) -> list[Weight]:
                                   (*path, ours, norm, "scale"), "copy"))
     weights += _linear(f"{wan}.ffn.0", f"{dif}.ffn.net.0.proj", (*path, "ffn", "fc1"))
     weights += _linear(f"{wan}.ffn.2", f"{dif}.ffn.net.2", (*path, "ffn", "fc2"))
-    if camera:
-        for module in CAMERA_INIT:
-            weights += _linear(f"{wan}.{module}", f"{dif}.{module}", (*path, module))
+    for module in camera_modules(cfg):
+        weights += _linear(f"{wan}.{module}", f"{dif}.{module}", (*path, module))
     return weights
+
+
+def camera_modules(cfg: DiTConfig) -> tuple[str, ...]:
+    """The camera modules of each block: ReCamMaster's two, then the camera encoding's extra one."""
+    if not cfg.camera:
+        return ()
+    extra = camera_encoding.EXTRA_MODULES.get(cfg.camera_encoding)
+    return ("cam_encoder", "projector") + ((extra[0],) if extra else ())
 
 
 def weight_table(cfg: DiTConfig) -> list[Weight]:
@@ -88,7 +99,7 @@ def weight_table(cfg: DiTConfig) -> list[Weight]:
     weights += _linear("time_embedding.2", "condition_embedder.time_embedder.linear_2", ("time_embedding", "fc2"))
     weights += _linear("time_projection.1", "condition_embedder.time_proj", ("time_projection",))
     for i in range(cfg.num_layers):
-        weights += _block_weights(i, cfg.camera)
+        weights += _block_weights(i, cfg)
     weights += _linear("head.head", "proj_out", ("head", "head"))
     weights.append(Weight("head.modulation", "scale_shift_table", ("head", "modulation"), "copy"))
     return weights
@@ -137,7 +148,7 @@ RECORD_SUFFIX = ".recam_jax.json"  # the record beside a file: step20000.ckpt.re
 LEGACY_CONFIG_FILE = "dit_config.json"  # orbax folders written before the record (no shift)
 # The architecture; dtypes, remat and attention backend are choices of the run, not of the weights.
 ARCHITECTURE = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim",
-                "patch_size", "eps", "camera")
+                "patch_size", "eps", "camera", "camera_encoding")
 SIZES = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
 
 
@@ -182,7 +193,8 @@ def read_model_record(path: str) -> dict | None:
 def _parse_record(text: str, source: str) -> dict:
     try:
         record = json.loads(text)
-        dit = {field: record["dit"][field] for field in ARCHITECTURE}
+        dit = {"camera_encoding": "official", **record["dit"]}  # records written before encodings existed
+        dit = {field: dit[field] for field in ARCHITECTURE}
         shift = record["flow_shift"]
         timestep_dtype = record.get("timestep_dtype")  # absent from records written before it
     except (ValueError, KeyError, TypeError) as e:
@@ -195,11 +207,14 @@ def _write_record(record: dict, location: str) -> None:
 
 
 def check_record(cfg: DiTConfig, record: dict | None, source: str, other: str = "asked for") -> None:
-    """Refuses a config (`other`: where it comes from) that contradicts the record of the weights."""
+    """Refuses a config (`other`: where it comes from) that contradicts the record of the weights.
+
+    Official-encoding weights fit any camera encoding: the encoding's extra module starts at zero."""
     if record is None:
         return
+    fits = lambda field, value: field == "camera_encoding" and value == "official"
     wrong = [f"{field}: the record says {value}, {other} {getattr(cfg, field)}" for field, value in record["dit"].items()
-             if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(getattr(cfg, field)))]
+             if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(getattr(cfg, field))) and not fits(field, value)]
     if wrong:
         raise CheckpointError(f"{source}: the weights were saved as a different model; " + "; ".join(wrong))
 
@@ -263,7 +278,8 @@ def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, reco
     """The DiT a checkpoint holds: sizes read off its tensor shapes, the head count from `num_heads`,
     else from its model `record`, else from the official Wan2.1 size it matches; anything else is refused."""
     layout = detect_layout(shapes)
-    table = {w.wan: w.diffusers for w in weight_table(DiTConfig(1, 1, 1, 1))}
+    table = {w.wan: w.diffusers for encoding in camera_encoding.ENCODINGS
+             for w in weight_table(DiTConfig(1, 1, 1, 1, camera_encoding=encoding))}
     name = (lambda wan: _diffusers_name(wan, table)) if layout == "diffusers" else (lambda wan: wan)
     sizes = _read_sizes(shapes, name, source)
     if record is not None:
@@ -272,10 +288,18 @@ def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, reco
         fields.update(num_heads=num_heads or record["dit"]["num_heads"])
         check_record(DiTConfig(**fields), record, source)
     else:
-        fields = {**sizes, "num_heads": num_heads or _official_heads(sizes, source)}
+        fields = {**sizes, "num_heads": num_heads or _official_heads(sizes, source),
+                  "camera_encoding": _camera_encoding_of(shapes, name)}
     if fields["dim"] % fields["num_heads"]:
         raise CheckpointError(f"{source}: dim {fields['dim']} does not split into {fields['num_heads']} heads")
     return DiTConfig(**{**fields, **overrides})
+
+
+def _camera_encoding_of(shapes: Mapping[str, tuple], name) -> str:
+    """The camera encoding whose extra module block 0 holds ('official' when none)."""
+    held = [encoding for encoding, (module, _) in camera_encoding.EXTRA_MODULES.items()
+            if name(f"blocks.0.{module}.weight") in shapes]
+    return held[0] if held else "official"
 
 
 def _diffusers_name(wan: str, table: Mapping[str, str]) -> str:
@@ -373,15 +397,17 @@ def with_block_layout(model: WanDiT, scan_layers: bool) -> WanDiT:
 def pytorch_tensors(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
                     ) -> dict[str, LazyTensor]:
     """The checkpoint's tensors (any layout) by official name, in PyTorch layout, checked against `cfg`
-    (every missing, unexpected or wrong-shaped tensor is listed); camera modules absent from the
-    checkpoint come at their official init, in the checkpoint's dtype."""
+    (every missing, unexpected or wrong-shaped tensor is listed); a camera module absent from the
+    checkpoint (in every block) comes at its official or zero init, in the checkpoint's dtype."""
     layout = detect_layout(state_dict)
     name_of = (lambda w: w.diffusers) if layout == "diffusers" else (lambda w: w.wan)
     _, flat = _param_state(abstract_model(_per_block(cfg)))
     table = weight_table(cfg)
-    has_camera = any(name_of(w) in state_dict for w in table if _is_camera(w))
+    held = {w.path[-2] for w in table if _is_camera(w) and name_of(w) in state_dict}  # each all or nothing
+    if held & {"cam_encoder", "projector"}:  # ReCamMaster's two come together
+        held |= {"cam_encoder", "projector"}
     shapes = {w.wan: _torch_shape(flat[w.path].shape, w.kind) for w in table}
-    expected = {name_of(w): shapes[w.wan] for w in table if has_camera or not _is_camera(w)}
+    expected = {name_of(w): shapes[w.wan] for w in table if not _is_camera(w) or w.path[-2] in held}
     found = getattr(state_dict, "shapes", None) or {k: tuple(v.shape) for k, v in state_dict.items()}
     torch_io.check_names_and_shapes(source, expected, found)
     lazy = getattr(state_dict, "lazy", None) or (lambda key: LazyTensor.of(np.asarray(state_dict[key])))
@@ -510,6 +536,10 @@ def save_pytorch(model: WanDiT, path: str, dtype=None, shift: float | None = Non
 def write_pytorch(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None = None) -> None:
     """Writes tensors (official names) as `save_pytorch` does, one at a time, and their model record."""
     record = model_record(cfg, shift)
+    if path.endswith(torch_io.PICKLE_SUFFIXES) and cfg.camera_encoding != "official":
+        raise ValueError(f"{path}: the official ReCamMaster .ckpt layout has no place for the "
+                         f"camera_encoding={cfg.camera_encoding!r} modules, and its inference code would drop "
+                         f"them; write a .safetensors file, a diffusers folder or a recam_jax params folder")
     if path.endswith(".safetensors"):
         torch_io.save_state_dict(_named(tensors, cfg, "recammaster"), path, {RECORD_KEY: json.dumps(record)})
     elif path.endswith(torch_io.PICKLE_SUFFIXES):

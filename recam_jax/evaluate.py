@@ -7,7 +7,9 @@ Camera sensitivity: the loss with each example's true camera and with the camera
 the batch (rolled by one, so every example gets another's trajectory), at the same noise and
 timesteps. The gap is what the model gets from the camera: 0 when it ignores it (the camera
 encoder at its zero init), positive once it follows the camera. The trainer logs the three
-numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`).
+numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`); a model whose
+camera encoding reads the lens (intrinsics, plucker) also gets the loss with only the lenses
+shuffled and its gap (`eval_loss_shuffled_intrinsics`, `intrinsics_gap`).
 
 Camera accuracy (`--camera_accuracy`): RotErr and TransErr of a video's camera, estimated by COLMAP,
 against the trajectory it was asked for (recam_jax/camera_accuracy.py); exit status 1 when COLMAP
@@ -34,15 +36,23 @@ def fixed_noise_loss(model, batch: dict, flow_cfg: flow.FlowConfig) -> jax.Array
 
 
 def camera_sensitivity(model, batch: dict, flow_cfg: flow.FlowConfig) -> dict[str, jax.Array]:
-    """The fixed-noise loss with the true cameras and with the batch's cameras rolled by one, and the gap:
-    means over the examples weighted by `eval_weight` (0 for rows that only pad the last batch of an
-    eval pass; all 1 when absent), and `eval_examples`, the weights' sum, for `mean_metrics`."""
+    """The fixed-noise loss with the true cameras and with the batch's cameras (poses and lenses) rolled
+    by one, and the gap; for a model whose camera encoding reads the lens, also the loss and gap with
+    only the intrinsics rolled (`intrinsics_gap`: what the focal inputs are worth). Means over the
+    examples weighted by `eval_weight` (0 for rows that only pad the last batch of an eval pass; all 1
+    when absent), and `eval_examples`, the weights' sum, for `mean_metrics`."""
     weight = batch.get("eval_weight", jnp.ones(len(batch["camera"]), jnp.float32))
-    true = fixed_noise_loss(model, batch, flow_cfg)
-    shuffled = fixed_noise_loss(model, {**batch, "camera": jnp.roll(batch["camera"], 1, axis=0)}, flow_cfg)
-    true, shuffled = (jnp.sum(weight * losses) / jnp.sum(weight) for losses in (true, shuffled))
-    return {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true,
-            "eval_examples": jnp.sum(weight)}
+    mean = lambda losses: jnp.sum(weight * losses) / jnp.sum(weight)
+    rolled = lambda *keys: {**batch, **{key: jnp.roll(batch[key], 1, axis=0) for key in keys}}
+    true = mean(fixed_noise_loss(model, batch, flow_cfg))
+    shuffled = mean(fixed_noise_loss(model, rolled("camera", *(["intrinsics"] if "intrinsics" in batch else [])),
+                                     flow_cfg))
+    metrics = {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true,
+               "eval_examples": jnp.sum(weight)}
+    if model.cfg.camera_encoding != "official" and "intrinsics" in batch:
+        lens_shuffled = mean(fixed_noise_loss(model, rolled("intrinsics"), flow_cfg))
+        metrics.update(eval_loss_shuffled_intrinsics=lens_shuffled, intrinsics_gap=lens_shuffled - true)
+    return metrics
 
 
 def mean_metrics(per_batch: list[dict]) -> dict[str, float]:

@@ -110,7 +110,8 @@ def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig,
               sigma: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted MSE between the predicted and true velocity on the target half, in float32.
 
-    `apply_fn(latents, timesteps, text, camera)` is the DiT on [target ‖ source] latents; `keys`
+    `apply_fn(latents, timesteps, text, camera[, intrinsics=])` is the DiT on [target ‖ source] latents
+    (intrinsics passed when the batch has them); `keys`
     holds one key per example, so an example's noise does not depend on how the batch is split.
     `sigma` fixes the noise levels (evaluation) instead of drawing them.
     """
@@ -121,7 +122,8 @@ def flow_loss(apply_fn, keys: jax.Array, batch: dict, cfg: FlowConfig,
     noisy = (1 - _per_example(sigma, x0)) * x0 + _per_example(sigma, x0) * eps
     source, task = condition_latents(cond_keys, batch["source_latents"].astype(jnp.float32), cfg)
     latents = jnp.concatenate([noisy, source], axis=1)
-    prediction = apply_fn(latents, sigma * NUM_TRAIN_TIMESTEPS, batch["text_embeds"], batch["camera"])
+    lens = {"intrinsics": batch["intrinsics"]} if "intrinsics" in batch else {}
+    prediction = apply_fn(latents, sigma * NUM_TRAIN_TIMESTEPS, batch["text_embeds"], batch["camera"], **lens)
     target_prediction = prediction[:, : x0.shape[1]].astype(jnp.float32)
     per_example = jnp.mean(jnp.square(target_prediction - (eps - x0)), axis=tuple(range(1, x0.ndim)))
     per_example = per_example * loss_weight(sigma, cfg)

@@ -11,9 +11,10 @@ import jax
 import optax
 from flax import nnx
 
+CAMERA_MODULES = ("cam_encoder", "projector", "intrinsics_encoder", "plucker_encoder")  # any camera encoding's
 TRAINABLE_SETS = {
-    "camera": ("cam_encoder", "projector"),
-    "camera+self_attn": ("cam_encoder", "projector", "self_attn"),
+    "camera": CAMERA_MODULES,
+    "camera+self_attn": (*CAMERA_MODULES, "self_attn"),
     "all": None,
 }
 SCHEDULES = ("constant", "cosine")

@@ -11,7 +11,11 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from data_pipeline.cameras import normalised_intrinsics
+from data_pipeline.multicam import SENSOR_SIZE_MM
 from recam_jax.batch import CAMERA_DIM, rows_of_global_batches
+
+NOMINAL_FOCAL_MM = 24.0  # every synthetic camera's lens (the intrinsics input is the same for all)
 
 
 class SyntheticExample:
@@ -33,12 +37,14 @@ class SyntheticExample:
         length = int(rng.integers(1, self.text_len + 1))
         text = np.zeros((self.text_len, self.text_dim), np.float32)
         text[:length] = rng.standard_normal((length, self.text_dim))
+        lens = normalised_intrinsics(np.full(frames, NOMINAL_FOCAL_MM), SENSOR_SIZE_MM, width / height)
         return {
             "target_latents": target.astype(np.float32),
             "source_latents": field.astype(np.float32),
             "text_embeds": text,
             "text_lengths": np.int32(length),
             "camera": camera.reshape(frames, CAMERA_DIM).astype(np.float32),
+            "intrinsics": np.concatenate([lens, lens], axis=-1),  # target, source
         }
 
 

@@ -33,6 +33,7 @@ from recam_jax import checkpoint, convert, flops, flow, optim, profiling, shardi
 from recam_jax import evaluate as evaluate_lib
 from recam_jax.batch import batch_spec
 from recam_jax.metrics import MetricWriter
+from recam_jax.models import camera_encoding
 from recam_jax.models.attention import BACKENDS, SplashBlocks
 from recam_jax.models.dit import REMAT_POLICIES, VARIANTS, WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
@@ -59,7 +60,7 @@ def model_config(config: ml_collections.ConfigDict):
     c = config.model
     return dit_config(c.variant, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, attention=c.attention,
                       splash_blocks=SplashBlocks(**c.splash_blocks), scan_layers=c.scan_layers,
-                      timestep_dtype=c.timestep_dtype, text_dim=config.data.text_dim)
+                      timestep_dtype=c.timestep_dtype, text_dim=config.data.text_dim, camera_encoding=c.camera_encoding)
 
 
 def flow_config(config: ml_collections.ConfigDict) -> flow.FlowConfig:
@@ -77,6 +78,7 @@ CHOICES = {
     "model.remat": REMAT_POLICIES,
     "model.attention": BACKENDS,
     "model.timestep_dtype": DTYPES,
+    "model.camera_encoding": camera_encoding.ENCODINGS,
     "trainable": optim.TRAINABLE_SETS,
     "flow.timestep_sampling": flow.TIMESTEP_SAMPLINGS,
     "flow.loss_weighting": flow.LOSS_WEIGHTINGS,
@@ -538,8 +540,10 @@ def evaluate(config, eval_fns: dict, state, data_sharding) -> dict[str, float]:
 
 def export(graphdef, state: TrainState, config, workdir: str) -> str:
     """Writes the weights as a ReCamMaster .ckpt for the official PyTorch inference, with their model
-    record (heads, flow shift) beside it for our sampler and converter."""
-    path = storage.join(workdir, "exports", f"recammaster_step{int(state.step)}.ckpt")
+    record (heads, flow shift) beside it for our sampler and converter; a non-official camera
+    encoding, which that layout cannot hold, as a .safetensors with the record in its header."""
+    suffix = ".ckpt" if config.model.camera_encoding == "official" else ".safetensors"
+    path = storage.join(workdir, "exports", f"recammaster_step{int(state.step)}{suffix}")
     convert.save_pytorch(model_from_state(graphdef, state, use_ema=config.export_ema), path, shift=config.flow.shift)
     if jax.process_index() == 0:  # the one that wrote it
         print(f"exported {path}", flush=True)

@@ -23,12 +23,15 @@ Spec syntax (what `--trajectory` and `python -m recam_jax.trajectory` take):
     arc       degrees    circle the point `radius` m ahead: move right, turn left to keep it centred
     aim       metres     look at the point that far ahead of the first camera, horizon level (it
                          sets the orientation, so it does not mix with pan, tilt, roll or arc)
+    focal     mm         the lens reaches this focal length (a zoom; the pose is untouched); the
+                         lens starts at `--focal_mm` (24) and follows the focal terms in order
 
     KEY=VALUE  speed=linear|ease_in|ease_out|ease (default linear); start=0, end=1: the window
                of the clip the move runs in (fractions); radius=4 (arc only, metres)
 
 e.g. `pan:30`, `arc:60,radius=3,speed=ease`, `truck:1+pan:-20`, `pan:90,end=0.5+dolly:2,start=0.5`,
-`pedestal:1+aim:4`, `zoom_in+roll:10`. A move reaches its amount on the clip's last frame.
+`pedestal:1+aim:4`, `zoom_in+roll:10`, `dolly:2+focal:12` (a dolly zoom from 24 mm). A move
+reaches its amount on the clip's last frame. `focal_lengths` gives the lens along a spec.
 
 The presets reproduce the official file to its 6 printed digits. They are linear moves that run
 half a frame past the last frame (frame k of 81 is at k/80.5 of the move, measured from the file);
@@ -52,7 +55,8 @@ START_CM = np.array([3390.0, 1380.0, 240.0])  # where every official trajectory 
 FORWARD, RIGHT, UP = 0, 1, 2  # axes of the start camera = Unreal's world axes (left-handed)
 ROTATIONS = {"pan": (FORWARD, RIGHT), "tilt": (FORWARD, UP), "roll": (UP, RIGHT)}  # plane, + turns 1st to 2nd
 TRANSLATIONS = {"dolly": FORWARD, "truck": RIGHT, "pedestal": UP}
-MOVES = (*ROTATIONS, *TRANSLATIONS, "arc", "aim")
+MOVES = (*ROTATIONS, *TRANSLATIONS, "arc", "aim", "focal")
+DEFAULT_FOCAL_MM = 24.0  # where a spec's lens starts
 SPEEDS = {
     "linear": lambda x: x,
     "ease_in": lambda x: x**2,
@@ -80,7 +84,7 @@ class Move:
     """One camera move over the window [start, end] of the clip (fractions; end may pass 1)."""
 
     kind: str
-    amount: float  # degrees (pan, tilt, roll, arc) or metres (dolly, truck, pedestal, aim)
+    amount: float  # degrees (pan, tilt, roll, arc), metres (dolly, truck, pedestal, aim) or mm (focal)
     radius: float = _ARC_RADIUS  # arc: metres from the camera to the point it circles
     speed: str = "linear"
     start: float = 0.0
@@ -94,7 +98,8 @@ class Move:
     def local_transform(self, progress: float) -> np.ndarray:
         """4x4 (column vectors, metres) of the move in the frame of the camera it is mounted on.
 
-        Identity for `aim`, which sets the orientation once the position is known (`generate`).
+        Identity for `aim`, which sets the orientation once the position is known (`generate`), and
+        for `focal`, which moves the lens only (`focal_lengths`).
         """
         transform = np.eye(4)
         if self.kind in ROTATIONS:
@@ -159,8 +164,9 @@ def _parse_move(term: str, spec: str) -> Move:
             raise ValueError(f"trajectory {spec!r}: bad option {option!r} in {term!r} (speed={'|'.join(SPEEDS)}, "
                              "start=, end=, radius= for arc)")
     move = Move(**fields)
-    if not move.end > move.start or move.radius <= 0 or (kind == "aim" and move.amount <= 0):
-        raise ValueError(f"trajectory {spec!r}: {term!r} needs start < end, radius > 0 and a positive aim distance")
+    if not move.end > move.start or move.radius <= 0 or (kind in ("aim", "focal") and move.amount <= 0):
+        raise ValueError(f"trajectory {spec!r}: {term!r} needs start < end, radius > 0 and a positive aim "
+                         "distance or focal length")
     return move
 
 
@@ -191,6 +197,19 @@ def generate(spec: str, frames: int = DEFAULT_FRAMES) -> np.ndarray:
     return unreal
 
 
+def focal_lengths(spec: str, frames: int = DEFAULT_FRAMES, start_mm: float = DEFAULT_FOCAL_MM) -> np.ndarray:
+    """The lens (frames,) in mm along a spec: `start_mm`, taken by each `focal:MM` term in turn to MM
+    over its window and speed (constant when the spec has none)."""
+    if start_mm <= 0:
+        raise ValueError(f"trajectory {spec!r}: the start focal length must be positive, got {start_mm}")
+    clip_fraction = np.arange(frames) / max(frames - 1, 1)
+    focal, previous = np.full(frames, float(start_mm)), float(start_mm)
+    for move in (m for m in parse(spec, frames) if m.kind == "focal"):
+        focal += (move.amount - previous) * move.progress(clip_fraction)
+        previous = move.amount
+    return focal
+
+
 def load(trajectory: str, camera: int = 1, frames: int = DEFAULT_FRAMES) -> np.ndarray:
     """Unreal matrices (frames, 4, 4) from a camera JSON file (its camXX), a preset name or a spec."""
     if trajectory.endswith(".json") or storage.exists(trajectory):
@@ -203,7 +222,9 @@ def main(argv=None) -> None:
                                      epilog="presets (official cam01 ... cam10): " + ", ".join(PRESETS))
     parser.add_argument("specs", nargs="+", help="one spec or preset per camera: cam01, cam02, ...")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per trajectory (MultiCamVideo: 81)")
-    parser.add_argument("--out", help="camera JSON in MultiCamVideo's format")
+    parser.add_argument("--out", help="camera JSON in MultiCamVideo's format (and, when a spec has a focal term, "
+                                      f"{multicam.FOCAL_FILE} beside it)")
+    parser.add_argument("--focal_mm", type=float, default=DEFAULT_FOCAL_MM, help="the lens at the start (mm)")
     parser.add_argument("--plot", help="PNG of the camera frusta from above and from the side")
     args = parser.parse_args(argv)
     try:
@@ -213,6 +234,11 @@ def main(argv=None) -> None:
     if args.out:
         multicam.write_extrinsics(args.out, paths)
         print(f"wrote {args.out}")
+        if any(m.kind == "focal" for spec in args.specs for m in parse(spec, args.frames)):
+            focal_path = storage.join(storage.parent(args.out), multicam.FOCAL_FILE)
+            multicam.write_focal_lengths(focal_path, {i + 1: focal_lengths(spec, args.frames, args.focal_mm)
+                                                      for i, spec in enumerate(args.specs)})
+            print(f"wrote {focal_path}")
     if args.plot:
         from recam_jax import trajectory_plot
 

@@ -143,7 +143,7 @@ def test_records_round_trip_bit_for_bit(dataset):
         record = schema.parse_camera(records[camera], shapes, name)
         assert record["latents"].tobytes() == latents[camera - 1].tobytes()
         assert record["extrinsics"].tobytes() == extrinsics[camera - 1].tobytes()
-        assert record["focal_length_mm"] == (scene.focal_length_mm,)
+        np.testing.assert_array_equal(record["focal_length_mm"], np.full(FRAMES, scene.focal_length_mm))
         np.testing.assert_allclose(record["sensor_size_mm"], [multicam.SENSOR_SIZE_MM] * 2, rtol=1e-6)
 
 

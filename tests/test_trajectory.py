@@ -1,5 +1,6 @@
 """Trajectories: presets = the official JSON; generated JSON → the camera math → the intended motion."""
 
+import json
 import os
 
 import imageio.v3 as iio
@@ -125,3 +126,22 @@ def test_plot_is_a_picture_for_png_and_tensorboard(tmp_path):
     assert np.sum(top_views.max(-1) - top_views.min(-1) > 60) > 1000  # coloured frusta drawn, not only axes
     with SummaryWriter(str(tmp_path / "tb")) as writer:
         writer.add_image("trajectory", image, 0, dataformats="HWC")
+
+
+def test_focal_terms_give_the_lens_along_the_clip_and_leave_the_poses():
+    np.testing.assert_allclose(trajectory.focal_lengths("dolly:2+focal:12", 5), [24.0, 21.0, 18.0, 15.0, 12.0])
+    np.testing.assert_allclose(trajectory.focal_lengths("focal:50,end=0.5+focal:18,start=0.5", 5, start_mm=35),
+                               [35.0, 42.5, 50.0, 34.0, 18.0])
+    np.testing.assert_array_equal(trajectory.focal_lengths("pan:20", 3), 24.0)
+    np.testing.assert_array_equal(trajectory.generate("dolly:2+focal:12", 9), trajectory.generate("dolly:2", 9))
+    with pytest.raises(ValueError, match="positive aim distance or focal length"):
+        trajectory.focal_lengths("focal:-5")
+
+
+def test_cli_writes_the_focal_curves_beside_the_camera_json(tmp_path):
+    out = str(tmp_path / "camera_extrinsics.json")
+    trajectory.main(["pan:20", "dolly:1+focal:48", "--frames", "5", "--out", out])
+    with open(tmp_path / multicam.FOCAL_FILE) as f:
+        focal = json.load(f)
+    np.testing.assert_allclose(focal["cam02"], [24.0, 30.0, 36.0, 42.0, 48.0])
+    np.testing.assert_array_equal(focal["cam01"], 24.0)

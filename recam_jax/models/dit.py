@@ -4,6 +4,7 @@ Same function as the official Wan / DiffSynth `WanModel` (and diffusers' `WanTra
 channels-last. ReCamMaster feeds it [target ‖ source] latents concatenated on the frame axis and a
 camera pose per latent frame; each block adds `cam_encoder(camera)` to the modulated input of
 self-attention (same embedding on both halves) and applies `projector` to the attention output.
+`camera_encoding` may add the lens (models/camera_encoding.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from recam_jax.batch import CAMERA_DIM
+from recam_jax.models import camera_encoding
 from recam_jax.models.attention import SplashBlocks, attention
 from recam_jax.models.layers import (
     MLP, LayerNorm, RMSNorm, apply_rope, dense, gelu_tanh, rope_tables, sinusoidal_embedding)
@@ -51,6 +53,8 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     camera: bool = True  # ReCamMaster's cam_encoder + projector in every block
+    # What the camera path reads (models/camera_encoding.py): official, intrinsics, plucker.
+    camera_encoding: str = "official"
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype; norms, RoPE, softmax statistics and modulation stay fp32
     remat: str = "none"  # one of REMAT_POLICIES: none, full, save_dots, save_qkv, offload
@@ -93,8 +97,10 @@ def _identity_init(key, shape, dtype):
     return jnp.eye(*shape, dtype=dtype)
 
 
-# ReCamMaster's official kernel init of the camera modules (biases are zero): the model starts as Wan.
-CAMERA_INIT = {"cam_encoder": nnx.initializers.zeros, "projector": _identity_init}
+# Kernel init of the camera modules (biases are zero): ReCamMaster's official init for the first two,
+# zeros for the encodings' extra modules, so the model starts as Wan.
+CAMERA_INIT = {"cam_encoder": nnx.initializers.zeros, "projector": _identity_init,
+               **{name: nnx.initializers.zeros for name, _ in camera_encoding.EXTRA_MODULES.values()}}
 
 
 class Attention(nnx.Module):
@@ -141,13 +147,19 @@ class DiTBlock(nnx.Module):
             self.projector = dense(cfg.dim, cfg.dim, ("heads", "embed"), kernel_init=CAMERA_INIT["projector"], **kw)
         else:
             self.cam_encoder = self.projector = None
+        # The camera encoding's extra module (zero init: a no-op until trained), or None.
+        extra = lambda encoding, name, in_dim: (
+            dense(in_dim, cfg.dim, (None, "embed"), kernel_init=CAMERA_INIT[name], **kw)
+            if cfg.camera_encoding == encoding else None)
+        self.intrinsics_encoder = extra("intrinsics", "intrinsics_encoder", camera_encoding.INTRINSICS_DIM)
+        self.plucker_encoder = extra("plucker", "plucker_encoder", camera_encoding.PLUCKER_DIM)
 
     def __call__(self, x, context, t_mod, rope, camera, grid):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             self.modulation[...].astype(jnp.float32) + t_mod, 6, axis=1)
         attn_in = (self.norm1(x) * (1 + scale_msa) + shift_msa).astype(x.dtype)
         if camera is not None:
-            attn_in = self._add_camera(attn_in, camera, grid)
+            attn_in = camera_encoding.add_camera(self, attn_in, camera, grid)
         attn_out = self.self_attn(attn_in, rope=rope)
         if self.projector is not None:
             attn_out = self.projector(attn_out)
@@ -156,14 +168,6 @@ class DiTBlock(nnx.Module):
         ffn_in = (self.norm2(x) * (1 + scale_mlp) + shift_mlp).astype(x.dtype)
         x = (x + self.ffn(ffn_in) * gate_mlp).astype(x.dtype)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
-
-    def _add_camera(self, tokens, camera, grid):
-        """Adds cam_encoder(camera[frame]) to every token of that latent frame, in both halves."""
-        _, h, w = grid
-        cam_frames = camera.shape[1]
-        emb = self.cam_encoder(camera.astype(tokens.dtype))  # (batch, cam_frames, dim)
-        by_frame = tokens.reshape(tokens.shape[0], 2, cam_frames, h * w, -1)
-        return (by_frame + emb[:, None, :, None, :]).reshape(tokens.shape)
 
 
 def stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
@@ -193,10 +197,14 @@ class Head(nnx.Module):
 
 
 class WanDiT(nnx.Module):
-    """latents (b, F, H, W, in_dim), timestep (b,), text (b, L, text_dim), camera (b, F/2, 12) or None
-    → prediction (b, F, H, W, out_dim) in float32."""
+    """latents (b, F, H, W, in_dim), timestep (b,), text (b, L, text_dim), camera (b, F/2, 12) or None,
+    intrinsics (b, F/2, 8; read by the non-official camera encodings) → prediction (b, F, H, W, out_dim)
+    in float32."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        if cfg.camera_encoding not in camera_encoding.ENCODINGS or (cfg.camera_encoding != "official" and not cfg.camera):
+            raise ValueError(f"camera_encoding={cfg.camera_encoding!r} (camera={cfg.camera}): choose one of "
+                             f"{camera_encoding.ENCODINGS}; the non-official ones need camera=True")
         self.cfg = cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.patch_embedding = nnx.Conv(
@@ -214,12 +222,13 @@ class WanDiT(nnx.Module):
             self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.head = Head(cfg, rngs=rngs)
 
-    def __call__(self, latents, timestep, text, camera=None):
+    def __call__(self, latents, timestep, text, camera=None, intrinsics=None):
         cfg = self.cfg
         grid = self._token_grid(latents.shape)
         if camera is not None and 2 * camera.shape[1] != grid[0]:
             raise ValueError(f"camera has {camera.shape[1]} frames; ReCamMaster takes one pose per target latent "
                              f"frame: half of the {grid[0]} [target ‖ source] latent frames")
+        camera = camera_encoding.block_inputs(cfg.camera_encoding, camera, intrinsics, grid)
         t_emb = self.time_embedding(sinusoidal_embedding(timestep.astype(cfg.timestep_dtype), cfg.freq_dim))
         t_mod = self.time_projection(jax.nn.silu(t_emb)).reshape(-1, 6, cfg.dim)
         context = self.text_embedding(text.astype(cfg.dtype))
