@@ -435,7 +435,8 @@ def _train_on_mesh(config, workdir: str, mesh: Mesh, preemption: Preemption) -> 
         eval_fns["_ema"] = jax.jit(functools.partial(eval_fn, use_ema=True))
     add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new))
     samples = None
-    if config.sample_every:  # fixed held-out scenes: the first eval batch
+    if config.sample_every and config.steps // config.sample_every > int(state.step) // config.sample_every:
+        # a sample step falls in this run: fixed held-out scenes, the first eval batch
         first_eval_batch = to_global(next(make_data_iterator(config, data_sharding, split="eval")), data_sharding, config)
         samples = train_samples.TrainingSamples(config, mesh, graphdef, first_eval_batch)
 

@@ -47,14 +47,15 @@ def shared_cache() -> str:
 
 
 def tiny_config(**fields):
-    """configs/tiny.py logging every step, no eval, rare checkpoints, the session's compilation cache;
-    `fields` override (dotted keys)."""
+    """configs/tiny.py logging every step, no eval or samples, rare checkpoints, the session's
+    compilation cache; `fields` override (dotted keys)."""
     from configs import tiny
 
     config = tiny.get_config()
     config.compilation_cache = shared_cache()
     config.log_every = 1
     config.eval_every = 0
+    config.sample_every = 0
     config.checkpoint_every = 1000
     for dotted, value in fields.items():
         node = config

@@ -4,6 +4,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recam_jax import checkpoint
@@ -13,8 +14,16 @@ def data_iterator():
     return iter(grain.MapDataset.range(100).to_iter_dataset())
 
 
+@struct.dataclass
+class ToyState:
+    """A train state's shape for the manager: arrays, and frozen parameters (none here) kept apart."""
+    w: jax.Array
+    step: jax.Array
+    frozen: nnx.State
+
+
 def state_at(step):
-    return {"w": jnp.full((4,), float(step)), "step": jnp.asarray(step)}
+    return ToyState(w=jnp.full((4,), float(step)), step=jnp.asarray(step), frozen=nnx.State({}))
 
 
 def save_steps(manager, steps, iterator, force_last=False):
@@ -50,12 +59,11 @@ def test_restore_latest_returns_the_last_state_on_the_given_shardings_and_moves_
     resumed = data_iterator()
     fresh = checkpoint.make_manager(str(tmp_path), every=3, keep_last=5, keep_every=0)  # a restarted run
     split = NamedSharding(Mesh(np.array(jax.devices()[:4]), ("x",)), PartitionSpec("x"))  # saved whole on one device
-    target = jax.eval_shape(lambda: state_at(0))
-    target["w"] = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=split)
+    target = jax.eval_shape(lambda: state_at(0)).replace(w=jax.ShapeDtypeStruct((4,), jnp.float32, sharding=split))
     restored = checkpoint.restore_latest(fresh, target, resumed)
-    assert restored["w"].sharding == split
-    np.testing.assert_array_equal(restored["w"], np.full((4,), 6.0))
-    assert int(restored["step"]) == 6
+    assert restored.w.sharding == split
+    np.testing.assert_array_equal(restored.w, np.full((4,), 6.0))
+    assert int(restored.step) == 6
     assert next(resumed) == 6  # six elements were consumed before the step-6 save
 
 
@@ -67,7 +75,7 @@ def test_a_save_cut_short_is_removed_and_the_last_finished_step_restored(tmp_pat
     (partial / "state").write_text("half written")
     restarted = checkpoint.make_manager(str(tmp_path), every=2, keep_last=3, keep_every=0)
     assert restarted.latest_step() == 2
-    assert int(checkpoint.restore_latest(restarted, jax.eval_shape(lambda: state_at(0)), data_iterator())["step"]) == 2
+    assert int(checkpoint.restore_latest(restarted, jax.eval_shape(lambda: state_at(0)), data_iterator()).step) == 2
     checkpoint.save(restarted, 4, state_at(4), data_iterator())  # orbax removes stale folders by its first save
     restarted.wait_until_finished()
     assert not partial.exists() and restarted.all_steps() == [2, 4]

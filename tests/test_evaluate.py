@@ -48,6 +48,7 @@ def test_cli_prints_the_gap_over_prepared_shards(tmp_path, capsys):
     demo_data.prepare_demo(root, shards, num_frames=9, height=32, width=32, num_val_scenes=2, scenes_per_shard=2)
     params = str(tmp_path / "tiny.ckpt")
     convert.save_pytorch(tiny_model(1.0), params)
+    capsys.readouterr()  # not prepare's report
     evaluate.main(["--params", params, "--num_heads", "4", "--data", shards, "--batch_size", "4", "--text_len", "16"])
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
     assert set(printed) == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap"}
