@@ -128,18 +128,22 @@ def test_each_host_reads_its_rows_of_the_single_host_global_batches(data_dir, ho
         _assert_same(_take(make(rows), 4), [{k: v[rows] for k, v in batch.items()} for batch in single])
 
 
+def copy_with_a_flipped_byte(data_dir: str, out: str, shard: str, record: int) -> str:
+    """A copy of the dataset at `out` with one byte flipped inside record `record` of `shard`."""
+    shutil.copytree(data_dir, out)
+    offsets = shards.read_json(shards.index_path(out, shard))["offsets"]
+    with open(os.path.join(out, shard), "r+b") as f:
+        f.seek(offsets[record] + 40)
+        byte = f.read(1)
+        f.seek(offsets[record] + 40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return out
+
+
 @pytest.fixture()
 def corrupt_dir(data_dir, tmp_path):
     """A copy of the dataset with one byte flipped inside the first train shard's record 5."""
-    out = str(tmp_path / "corrupt")
-    shutil.copytree(data_dir, out)
-    offsets = shards.read_json(shards.index_path(out, "train-00000.tfrecord"))["offsets"]
-    with open(os.path.join(out, "train-00000.tfrecord"), "r+b") as f:
-        f.seek(offsets[5] + 40)
-        byte = f.read(1)
-        f.seek(offsets[5] + 40)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    return out
+    return copy_with_a_flipped_byte(data_dir, str(tmp_path / "corrupt"), "train-00000.tfrecord", record=5)
 
 
 def test_corrupt_record_error_names_shard_and_record(corrupt_dir):
@@ -307,14 +311,7 @@ def test_eval_without_held_out_scenes_says_so(tmp_path):
 
 
 def test_eval_never_skips_a_corrupt_record(data_dir, tmp_path):
-    out = str(tmp_path / "corrupt_val")
-    shutil.copytree(data_dir, out)
-    offsets = shards.read_json(shards.index_path(out, "val-00000.tfrecord"))["offsets"]
-    with open(os.path.join(out, "val-00000.tfrecord"), "r+b") as f:
-        f.seek(offsets[0] + 40)
-        byte = f.read(1)
-        f.seek(offsets[0] + 40)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    out = copy_with_a_flipped_byte(data_dir, str(tmp_path / "corrupt_val"), "val-00000.tfrecord", record=0)
     with pytest.raises(CorruptRecordError, match=r"val-00000.tfrecord record 0: data CRC mismatch"):
         _eval_pass(out, 2)
 
