@@ -47,7 +47,7 @@ def write_shards(directory: str, num_scenes: int, text_len: int) -> None:
             writer = tfrecord.Writer(file)
             for k in range(first, min(first + 4, num_scenes)):
                 scene_ids.append(f"f18_aperture10/scene{k}")
-                writer.write(schema.scene_record(scene_ids[-1], "a caption", text))
+                writer.write(schema.scene_record(scene_ids[-1], ["a caption"], [text], [0] * 10))
                 for i, camera in enumerate(multicam.CAMERAS):
                     writer.write(schema.camera_record(scene_ids[-1], camera, latents[i], extrinsics, 18.0, multicam.SENSOR_SIZE_MM))
         index = {"scenes": scene_ids, "offsets": writer.offsets, "skipped": {}, "default_caption": []}

@@ -106,10 +106,10 @@ class ExampleLoader:
         return record
 
     def load(self, scene: int, target: int, source: int) -> dict[str, np.ndarray]:
-        """One example; cameras are numbered 1..10."""
+        """One example, captioned with the target camera's caption; cameras are numbered 1..10."""
         location = self.scenes[scene]
         text, target_record, source_record = (self._record(location, camera) for camera in (0, target, source))
-        text_embeds, text_length = pad_text(text["text_embeds"], self.text_len)
+        text_embeds, text_length = pad_text(text["text_embeds"][text["camera_text"][target - 1]], self.text_len)
         return {
             "target_latents": target_record["latents"].astype(np.float32),
             "source_latents": source_record["latents"].astype(np.float32),

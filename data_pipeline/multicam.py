@@ -227,7 +227,10 @@ def captions_by_camera(path: str, rows: list[tuple[int, str, str]]) -> dict[str,
     return captions
 
 
-def scene_caption(per_camera: dict[int, str]) -> str:
-    """The one text a scene record holds: the cameras' shared caption, or when they differ the lowest
-    captioned camera's (shards keep one text per scene; camera records hold none)."""
-    return per_camera[min(per_camera)]
+def camera_captions(per_camera: dict[int, str]) -> tuple[list[str], list[int]]:
+    """A scene record's distinct captions and, per camera 1..10, the index of its caption. A camera the
+    caption file leaves out gets the lowest captioned camera's caption (the same scene, seen from elsewhere)."""
+    fallback = per_camera[min(per_camera)]
+    per_video = [per_camera.get(camera, fallback) for camera in CAMERAS]
+    distinct = list(dict.fromkeys(per_video))
+    return distinct, [distinct.index(caption) for caption in per_video]

@@ -130,7 +130,7 @@ class SceneEncoder:
         self.config = config
         self.encode_video = encode_video
         self.encode_text = functools.lru_cache(maxsize=4096)(encode_text)  # the default caption repeats
-        self.captions = captions
+        self.caption_file = captions
         self.shapes = schema.Shapes(
             video_encoder.latent_shape(config.num_frames, config.height, config.width, encode_video.latent_channels),
             config.num_frames,
@@ -138,11 +138,15 @@ class SceneEncoder:
             encode_text.max_len,
         )
 
-    def caption(self, scene: Scene) -> tuple[str, bool]:
-        """The scene's caption and whether it is the default one."""
-        if scene.scene_id in self.captions:
-            return multicam.scene_caption(self.captions[scene.scene_id]), False
-        return self.config.default_caption, True
+    def uncaptioned(self, scene: Scene) -> bool:
+        """Whether the caption file misses the scene (it gets the default caption)."""
+        return scene.scene_id not in self.caption_file
+
+    def captions(self, scene: Scene) -> tuple[list[str], list[int]]:
+        """The scene's distinct captions and, per camera, the index of its caption."""
+        if self.uncaptioned(scene):
+            return [self.config.default_caption], [0] * multicam.NUM_CAMERAS
+        return multicam.camera_captions(self.caption_file[scene.scene_id])
 
     def latents(self, videos: np.ndarray) -> np.ndarray:
         """Latents (10, frames, h, w, C) of a scene's uint8 videos (10, F, H, W, 3), in encoder batches."""
@@ -155,9 +159,9 @@ class SceneEncoder:
 
     def __call__(self, scene: Scene, extrinsics: np.ndarray, videos: np.ndarray) -> list[bytes]:
         latents = self.latents(videos)
-        caption, _ = self.caption(scene)
+        captions, camera_text = self.captions(scene)
         focal = multicam.read_focal_lengths(scene, self.config.num_frames)
-        records = [schema.scene_record(scene.scene_id, caption, self.encode_text(caption))]
+        records = [schema.scene_record(scene.scene_id, captions, [self.encode_text(c) for c in captions], camera_text)]
         for i, camera in enumerate(CAMERAS):
             lens = (focal[i], multicam.SENSOR_SIZE_MM)
             records.append(schema.camera_record(scene.scene_id, camera, latents[i], extrinsics[i], *lens))
@@ -235,7 +239,7 @@ def write_shard(directory: str, name: str, key: str, loads, encode: SceneEncoder
                     writer.write(record)
                 written.append(scene.scene_id)
                 throughput.scenes += 1
-                if encode.caption(scene)[1]:
+                if encode.uncaptioned(scene):
                     defaulted.append(scene.scene_id)
             progress.update(1)
             progress.set_postfix(videos_per_s=f"{throughput.summary()['videos_per_s']:.2f}", skipped=len(skipped))

@@ -5,9 +5,11 @@ A shard holds whole scenes; each scene is 1 + 10 consecutive records:
   scene record (once per scene)
     kind            bytes   b"scene"
     scene           bytes   scene id, e.g. b"f18_aperture10/scene1"
-    caption         bytes   UTF-8 caption that was encoded
-    text_embeds     bytes   bfloat16 little-endian, shape text_shape, real tokens only (no padding)
-    text_shape      int64   [text_length, text_dim], 1 <= text_length <= max_text_len
+    caption         bytes   the scene's distinct UTF-8 captions (one, or up to one per camera)
+    text_embeds     bytes   per caption: bfloat16 little-endian, shape text_shape[i], real tokens only
+    text_shape      int64   per caption [text_length, text_dim], 1 <= text_length <= max_text_len
+    camera_text     int64   per camera 1..10, the index of its caption (absent: all use caption 0,
+                            as records written before per-camera captions)
 
   camera record (cameras 1..10 in order)
     kind            bytes   b"camera"
@@ -22,7 +24,8 @@ A shard holds whole scenes; each scene is 1 + 10 consecutive records:
 
 One record per camera (not per scene) because an example uses 2 of the 10 cameras: it reads the
 two camera records and the scene's text record, about 1.0x the bytes it uses (a whole-scene record
-would read 5x). Decoding checks every key, type and shape against the manifest's `Shapes` before
+would read 5x). An example is captioned with its target camera's caption, as the official training
+(`data_tgt['prompt_emb']`); a scene captioned once stores that text once. Decoding checks every key, type and shape against the manifest's `Shapes` before
 touching the payload, so a corrupt or hostile record is rejected with its shard and index; arrays
 holding NaN or inf are refused both when a record is written and when it is read.
 """
@@ -35,12 +38,13 @@ import ml_dtypes
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from data_pipeline.multicam import NUM_CAMERAS
 from data_pipeline.tfrecord import CorruptRecordError
 
 LATENT_DTYPE = np.dtype(ml_dtypes.bfloat16).newbyteorder("<")
 TEXT_DTYPE = LATENT_DTYPE
 EXTRINSICS_DTYPE = np.dtype("<f8")
-RECORDS_PER_SCENE = 11  # the scene record, then cameras 1..10
+RECORDS_PER_SCENE = 1 + NUM_CAMERAS  # the scene record, then cameras 1..10
 _PROTO_SLACK_BYTES = 1 << 20  # keys, caption and protobuf framing on top of the arrays
 
 
@@ -56,7 +60,7 @@ class Shapes:
     def max_record_bytes(self) -> int:
         """An upper bound on a record's size: larger length fields are rejected unread."""
         latents = int(np.prod(self.latent_shape)) * LATENT_DTYPE.itemsize
-        text = self.max_text_len * self.text_dim * TEXT_DTYPE.itemsize
+        text = NUM_CAMERAS * self.max_text_len * self.text_dim * TEXT_DTYPE.itemsize  # a caption per camera
         return max(latents, text) + self.video_frames * 16 * EXTRINSICS_DTYPE.itemsize + _PROTO_SLACK_BYTES
 
 
@@ -84,15 +88,21 @@ def _set_floats(example, key: str, values) -> None:
     example.features.feature[key].float_list.value.extend(float(v) for v in values)
 
 
-def scene_record(scene_id: str, caption: str, text_embeds: np.ndarray) -> bytes:
-    """A serialized scene record; `text_embeds` (length, text_dim) is stored as bfloat16."""
+def scene_record(scene_id: str, captions: list[str], text_embeds: list[np.ndarray], camera_text: list[int]) -> bytes:
+    """A serialized scene record: its distinct `captions`, their `text_embeds` (length, text_dim),
+    stored as bfloat16, and per camera 1..10 the index of its caption."""
+    if len(captions) != len(text_embeds) or len(camera_text) != NUM_CAMERAS or not set(camera_text) <= set(range(len(captions))):
+        raise ValueError(f"{scene_id} scene record: {len(captions)} captions, {len(text_embeds)} text embeddings, "
+                         f"camera_text {list(camera_text)} (one index per camera into the captions)")
     example = tf_example_pb2.Example()
     _set_bytes(example, "kind", b"scene")
     _set_bytes(example, "scene", scene_id.encode())
-    _set_bytes(example, "caption", caption.encode())
-    text_embeds = _finite(np.asarray(text_embeds, TEXT_DTYPE), "text_embeds", f"{scene_id} scene record")
-    _set_bytes(example, "text_embeds", text_embeds.tobytes())
-    _set_ints(example, "text_shape", text_embeds.shape)
+    for caption, embeds in zip(captions, text_embeds):
+        embeds = _finite(np.asarray(embeds, TEXT_DTYPE), "text_embeds", f"{scene_id} scene record")
+        _set_bytes(example, "caption", caption.encode())
+        _set_bytes(example, "text_embeds", embeds.tobytes())
+        _set_ints(example, "text_shape", embeds.shape)
+    _set_ints(example, "camera_text", camera_text)
     return example.SerializeToString()
 
 
@@ -134,10 +144,16 @@ class _Fields:
         return self._features[key]
 
     def bytes(self, key: str) -> bytes:
-        values = self._get(key, "bytes_list").bytes_list.value
+        values = self.bytes_list(key)
         if len(values) != 1:
             raise CorruptRecordError(f"{self.where}: {key!r} holds {len(values)} values, 1 expected")
         return values[0]
+
+    def bytes_list(self, key: str) -> list[bytes]:
+        return list(self._get(key, "bytes_list").bytes_list.value)
+
+    def has(self, key: str) -> bool:
+        return key in self._features
 
     def ints(self, key: str) -> tuple[int, ...]:
         return tuple(self._get(key, "int64_list").int64_list.value)
@@ -151,9 +167,10 @@ class _Fields:
     def floats(self, key: str) -> tuple[float, ...]:
         return tuple(self._get(key, "float_list").float_list.value)
 
-    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A bytes feature viewed as `shape` (no copy), after checking its size, and that it is finite."""
-        raw = self.bytes(key)
+    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype, raw: bytes | None = None) -> np.ndarray:
+        """A bytes feature (or `raw`, one of its values) viewed as `shape` (no copy), after checking its
+        size, and that it is finite."""
+        raw = self.bytes(key) if raw is None else raw
         expected = int(np.prod(shape)) * dtype.itemsize
         if len(raw) != expected:
             raise CorruptRecordError(f"{self.where}: {key!r} has {len(raw)} bytes, shape {shape} needs {expected}")
@@ -168,16 +185,27 @@ class _Fields:
 
 
 def parse_scene(data: bytes, shapes: Shapes, where: str) -> dict:
-    """A scene record's caption and text embedding (length, text_dim) bfloat16, shapes checked."""
+    """A scene record's captions, their text embeddings ((length, text_dim) bfloat16, shapes checked)
+    and per camera the index of its caption (`camera_text[camera - 1]`)."""
     fields = _Fields(data, where)
     fields.expect("kind", b"scene")
-    text_shape = fields.ints("text_shape")
-    if len(text_shape) != 2 or not 1 <= text_shape[0] <= shapes.max_text_len or text_shape[1] != shapes.text_dim:
-        raise CorruptRecordError(f"{where}: text_shape {text_shape} is not (1..{shapes.max_text_len}, {shapes.text_dim})")
+    captions, embeds, flat_shapes = fields.bytes_list("caption"), fields.bytes_list("text_embeds"), fields.ints("text_shape")
+    text_shapes = [tuple(flat_shapes[i : i + 2]) for i in range(0, len(flat_shapes), 2)]
+    if not 1 <= len(captions) <= NUM_CAMERAS or len(embeds) != len(captions) or len(flat_shapes) != 2 * len(captions):
+        raise CorruptRecordError(f"{where}: {len(captions)} captions, {len(embeds)} text_embeds and text_shape "
+                                 f"{flat_shapes} do not pair up (1..{NUM_CAMERAS} captions, 2 numbers per shape)")
+    for text_shape in text_shapes:
+        if not 1 <= text_shape[0] <= shapes.max_text_len or text_shape[1] != shapes.text_dim:
+            raise CorruptRecordError(f"{where}: text_shape {text_shape} is not (1..{shapes.max_text_len}, {shapes.text_dim})")
+    camera_text = fields.ints("camera_text") if fields.has("camera_text") else (0,) * NUM_CAMERAS
+    if len(camera_text) != NUM_CAMERAS or not set(camera_text) <= set(range(len(captions))):
+        raise CorruptRecordError(f"{where}: camera_text {list(camera_text)} is not one caption index "
+                                 f"(0..{len(captions) - 1}) per camera")
     return {
         "scene": fields.bytes("scene").decode(),
-        "caption": fields.bytes("caption").decode(),
-        "text_embeds": fields.array("text_embeds", text_shape, TEXT_DTYPE),
+        "captions": [caption.decode() for caption in captions],
+        "text_embeds": [fields.array("text_embeds", shape, TEXT_DTYPE, raw) for shape, raw in zip(text_shapes, embeds)],
+        "camera_text": camera_text,
     }
 
 

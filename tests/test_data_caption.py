@@ -49,7 +49,7 @@ def test_cli_captions_every_scene_and_prepare_reads_them(root, tmp_path):
     config = prepare.PrepareConfig(root, str(tmp_path / "out"), captions=output, num_frames=FRAMES, height=SIZE, width=SIZE)
     encoder = prepare.SceneEncoder(config, _Stub(), _Stub(), multicam.load_captions(output))
     for scene, (_, text) in zip(multicam.find_scenes(os.path.join(root, "train")), rows[1:]):
-        assert encoder.caption(scene) == (text, False)
+        assert not encoder.uncaptioned(scene) and encoder.captions(scene) == ([text], [0] * 10)
 
 
 class _Crashing:

@@ -53,8 +53,10 @@ def test_official_per_video_metadata_gives_every_camera_its_own_caption(tmp_path
     captions = multicam.load_captions(path)
     assert captions["f18_aperture10/scene1"] == {1: texts[0], 2: texts[1], **{c: texts[0] for c in range(3, 11)}}
     assert captions["f24_aperture5/scene7"] == {3: "seven"}
-    assert multicam.scene_caption(captions["f18_aperture10/scene1"]) == texts[0]  # the scene record: cam01's
-    assert multicam.scene_caption(captions["f24_aperture5/scene7"]) == "seven"
+    # The scene record keeps each distinct caption once, and per camera which one is its own;
+    # a camera the file leaves out gets the lowest captioned camera's.
+    assert multicam.camera_captions(captions["f18_aperture10/scene1"]) == ([texts[0], texts[1]], [0, 1] + [0] * 8)
+    assert multicam.camera_captions(captions["f24_aperture5/scene7"]) == (["seven"], [0] * 10)
 
 
 def test_a_video_row_wins_over_its_scene_row_in_any_order(tmp_path):
@@ -100,3 +102,8 @@ def test_prepare_refuses_a_caption_file_that_names_none_of_the_scenes(tmp_path):
     config = prepare.PrepareConfig(str(tmp_path), str(tmp_path / "out"), captions=path)
     with pytest.raises(multicam.CaptionError, match="captions.csv: no key names a scene"):
         prepare.prepare(config, encode_video=None, encode_text=None)
+
+
+def test_each_camera_gets_its_own_caption_or_else_the_lowest_captioned_cameras():
+    assert multicam.camera_captions({2: "b", 5: "e", 9: "b"}) == (["b", "e"], [0, 0, 0, 0, 1, 0, 0, 0, 0, 0])
+    assert multicam.camera_captions(dict.fromkeys(multicam.CAMERAS, "a")) == (["a"], [0] * 10)

@@ -38,8 +38,11 @@ def write_shards(out: str, num_scenes: dict[str, int], scenes_per_shard: int = 2
                 for number in itertools.islice(numbers, min(scenes_per_shard, count - first)):
                     lens = demo_data.FOCAL_FOLDERS[number % len(demo_data.FOCAL_FOLDERS)]
                     scene_ids.append(f"{lens}/scene{number}")
-                    text = rng.normal(size=(rng.integers(2, TEXT_LEN), SHAPES.text_dim))
-                    writer.write(schema.scene_record(scene_ids[-1], f"caption {number}", text))
+                    # Odd scenes are captioned per camera: cameras 1..5 one way, 6..10 another.
+                    captions = [f"caption {number}"] + [f"caption {number}, cameras 6-10"] * (number % 2)
+                    texts = [rng.normal(size=(rng.integers(2, TEXT_LEN), SHAPES.text_dim)) for _ in captions]
+                    camera_text = [(camera > 5) * (number % 2) for camera in multicam.CAMERAS]
+                    writer.write(schema.scene_record(scene_ids[-1], captions, texts, camera_text))
                     for camera in multicam.CAMERAS:
                         latents = rng.normal(size=SHAPES.latent_shape)
                         focal = float(lens.split("_")[0][1:])
@@ -77,15 +80,20 @@ def test_batches_match_the_batch_spec(data_dir):
         assert 1 < length < TEXT_LEN and np.all(embeds[length:] == 0) and np.all(np.any(embeds[:length] != 0, axis=-1))
 
 
-def test_example_holds_its_records_exactly(data_dir):
+@pytest.mark.parametrize("target, source, caption", [(3, 8, 0), (8, 3, 1)])
+def test_example_holds_its_records_exactly_and_its_target_cameras_caption(data_dir, target, source, caption):
     reader, scenes = loader.open_split(data_dir, "train")
-    example = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False).load(scene=4, target=3, source=8)
-    first = scenes[4].first_record
-    text = schema.parse_scene(reader.read(scenes[4].shard, first), reader.shapes, "")
-    target, source = (schema.parse_camera(reader.read(scenes[4].shard, first + c), reader.shapes, "") for c in (3, 8))
+    scene = 5  # captioned per camera: 1..5 caption 0, 6..10 caption 1
+    example = loader.ExampleLoader(reader, scenes, TEXT_LEN, skip_corrupt=False).load(scene, target, source)
+    first = scenes[scene].first_record
+    text = schema.parse_scene(reader.read(scenes[scene].shard, first), reader.shapes, "")
+    assert len(text["captions"]) == 2
+    target, source = (schema.parse_camera(reader.read(scenes[scene].shard, first + c), reader.shapes, "") for c in (target, source))
     np.testing.assert_array_equal(example["target_latents"], target["latents"].astype(np.float32))
     np.testing.assert_array_equal(example["source_latents"], source["latents"].astype(np.float32))
-    np.testing.assert_array_equal(example["text_embeds"][: len(text["text_embeds"])], text["text_embeds"].astype(np.float32))
+    want = text["text_embeds"][caption].astype(np.float32)
+    assert example["text_lengths"] == len(want) and not np.any(example["text_embeds"][len(want):])
+    np.testing.assert_array_equal(example["text_embeds"][: len(want)], want)
     np.testing.assert_array_equal(example["camera"], cameras.training_camera(source["extrinsics"], target["extrinsics"]))
     assert not np.array_equal(example["target_latents"], example["source_latents"])
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import demo_data, multicam, plan, prepare, schema, shards, tfrecord, text_encoder, video, video_encoder
+from data_pipeline import demo_data, loader, multicam, plan, prepare, schema, shards, tfrecord, text_encoder, video, video_encoder
 
 FRAMES, HEIGHT, WIDTH = 9, 16, 24
 NUM_SCENES = 8
@@ -132,10 +132,11 @@ def test_records_round_trip_bit_for_bit(dataset):
     assert offsets == _index(config, name)["offsets"]
     records = [tfrecord.read_record(path, offsets[i], offsets[i + 1], shapes.max_record_bytes(), name) for i in range(11)]
     text = schema.parse_scene(records[0], shapes, name)
-    caption, _ = encoder.caption(scene)
-    assert text["caption"] == caption
-    expected_text = encode_text(caption).astype(schema.TEXT_DTYPE)
-    assert text["text_embeds"].tobytes() == expected_text.tobytes() and len(expected_text) < shapes.max_text_len
+    captions, camera_text = encoder.captions(scene)
+    assert text["captions"] == captions and text["camera_text"] == tuple(camera_text)
+    for embeds, caption in zip(text["text_embeds"], captions, strict=True):
+        expected_text = encode_text(caption).astype(schema.TEXT_DTYPE)
+        assert embeds.tobytes() == expected_text.tobytes() and len(expected_text) < shapes.max_text_len
     videos = np.stack([video.read_frames(scene.video_path(camera), FRAMES, HEIGHT, WIDTH) for camera in multicam.CAMERAS])
     latents = encoder.latents(videos).astype(schema.LATENT_DTYPE)
     extrinsics = multicam.read_extrinsics(scene.extrinsics_path, FRAMES)
@@ -378,3 +379,28 @@ def test_non_finite_latents_are_never_written(tmp_path):
         prepare.prepare(config, _NaNForSceneTwo(), _ConstantText())
     assert not [name for name in os.listdir(config.output_dir)
                 if name.endswith((".tfrecord", ".index.json")) or name == shards.MANIFEST]
+
+
+class _LengthText:
+    """Embeds a caption as its character count: different captions, different embeddings."""
+
+    text_dim, max_len, identity = 8, 16, "length"
+
+    def __call__(self, caption):
+        return np.full((2, self.text_dim), len(caption), np.float32)
+
+
+def test_per_camera_captions_reach_the_examples_whose_target_is_that_camera(tmp_path):
+    root = str(tmp_path)
+    demo_data.write_dataset(root, 1, FRAMES, HEIGHT, WIDTH)
+    (scene,) = multicam.find_scenes(os.path.join(root, "train"))
+    captions = tmp_path / "metadata.csv"  # a scene row, and a video row that overrides it for camera 4
+    captions.write_text(f"file_name,text\n{scene.scene_id},every camera\n{scene.scene_id}/videos/cam04.mp4,camera four\n")
+    config = prepare.PrepareConfig(root, os.path.join(root, "out"), captions=str(captions), num_frames=FRAMES,
+                                   height=HEIGHT, width=WIDTH, num_val_scenes=0, encode_batch=10, strict=True)
+    assert prepare.prepare(config, ZeroEncoder(), _LengthText())
+    reader, scenes = loader.open_split(config.output_dir, "train")
+    examples = loader.ExampleLoader(reader, scenes, text_len=4, skip_corrupt=False)
+    for target, source, caption in ((4, 5, "camera four"), (5, 4, "every camera")):
+        example = examples.load(0, target, source)
+        np.testing.assert_array_equal(example["text_embeds"][:2], len(caption))
