@@ -12,6 +12,7 @@ import grain
 import numpy as np
 
 from data_pipeline.cameras import normalised_intrinsics
+from data_pipeline.loader import padded_to_batches
 from data_pipeline.multicam import SENSOR_SIZE_MM
 from recam_jax.batch import CAMERA_DIM, rows_of_global_batches
 
@@ -66,23 +67,28 @@ def synthetic_dataset(
 ) -> grain.IterDataset:
     """Rows `rows` (default: all) of each global batch of `batch_size`: endless and reshuffled every
     epoch for training; for evaluation one pass over held-out examples (another seed) with fixed
-    timesteps and noise seeds.
+    timesteps and noise seeds, the last batch completed with `eval_weight` 0 rows (as the real
+    loader's, `padded_to_batches`): every held-out example counts once.
 
     Every process walks the same global order and builds only its rows of each global batch, so a
     global batch holds the same examples whatever the number of processes (runs reproduce across
     topologies).
     """
-    order = grain.MapDataset.range(num_examples)
     if for_eval:
         held_out = SyntheticExample(seed + 10_000, tuple(latent_shape), text_len, text_dim)
+        order = grain.MapDataset.source(padded_to_batches([{"index": i} for i in range(num_examples)], batch_size))
 
-        def make(index: int) -> dict:
-            return with_eval_draws(index, held_out(index))
+        def make(element: dict) -> dict:
+            index = element["index"]
+            return {**with_eval_draws(index, held_out(index)), "eval_weight": element["eval_weight"]}
     else:
         example = SyntheticExample(seed, tuple(latent_shape), text_len, text_dim)
-        order, make = order.shuffle(seed=seed).repeat(None), example
+        order = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None)
+
+        def make(index) -> dict:
+            return example(int(index))
     rows = np.arange(batch_size) if rows is None else rows
-    mine = rows_of_global_batches(order, batch_size, rows).map(lambda index: make(int(index)))
+    mine = rows_of_global_batches(order, batch_size, rows).map(make)
     return mine.batch(len(rows), drop_remainder=True, batch_fn=_stack).to_iter_dataset()
 
 
