@@ -80,7 +80,10 @@ def main(argv=None) -> None:
                                                                   "within a batch)")
     parser.add_argument("--pairs_per_scene", type=int, default=2, help="held-out (source, target) pairs per scene")
     parser.add_argument("--text_len", type=int, default=512)
-    parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the training σ grid")
+    parser.add_argument("--shift", type=float, default=None, help="timestep shift of the training σ grid (default: "
+                                                                  "the weights' recorded training shift, else 5)")
+    parser.add_argument("--timestep_dtype", choices=("float32", "bfloat16"), default=None,
+                        help="dtype timesteps are rounded to (default: the one the weights were trained with)")
     parser.add_argument("--num_heads", type=int, default=None, help="DiT heads (default: dim / 128, as Wan)")
     accuracy = parser.add_argument_group("camera accuracy (--camera_accuracy)")
     accuracy.add_argument("--camera_accuracy", action="store_true", help="RotErr / TransErr of --video against "
@@ -104,12 +107,13 @@ def main(argv=None) -> None:
         parser.error("--batch_size must be at least 2: the cameras are shuffled across the batch")
 
     from data_pipeline import loader
-    from recam_jax import convert
+    from recam_jax import convert, sample
 
-    model = convert.load_any(args.params, num_heads=args.num_heads)
+    timestep_dtype = sample.sampling_timestep_dtype(args.timestep_dtype, args.params)
+    model = convert.load_any(args.params, num_heads=args.num_heads, timestep_dtype=timestep_dtype)
     batches = loader.make_eval_iterator(args.data, batch_size=args.batch_size, text_len=args.text_len,
                                         pairs_per_scene=args.pairs_per_scene)
-    metrics = evaluate(model, batches, flow.FlowConfig(shift=args.shift))
+    metrics = evaluate(model, batches, flow.FlowConfig(shift=sample.sampling_shift(args.shift, args.params)))
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
 

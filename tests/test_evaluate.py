@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import demo_data
+from data_pipeline import demo_data, loader
 from recam_jax import convert, evaluate, flow
 from recam_jax.models.dit import WanDiT, dit_config
 from recam_jax.synthetic import synthetic_dataset
 
 
-def tiny_model(camera_scale: float) -> WanDiT:
+def tiny_model(camera_scale: float, **cfg) -> WanDiT:
     """The tiny DiT; `camera_scale` > 0 moves every camera encoder far from its zero init."""
-    model = WanDiT(dit_config("tiny"), rngs=nnx.Rngs(0))
+    model = WanDiT(dit_config("tiny", **cfg), rngs=nnx.Rngs(0))
     kernel = model.blocks.cam_encoder.kernel  # (layers, 12, dim): the blocks are stacked
     kernel[...] = camera_scale * jax.random.normal(jax.random.key(1), kernel.shape)
     return model
@@ -41,13 +41,13 @@ def test_gap_is_nonzero_when_the_model_reads_the_camera():
     np.testing.assert_allclose(metrics["camera_gap"], metrics["eval_loss_shuffled_cameras"] - metrics["eval_loss"])
 
 
-def test_cli_prints_the_gap_over_prepared_shards(tmp_path, capsys):
+def test_cli_prints_the_gap_over_prepared_shards_with_the_weights_shift_and_timestep_dtype(tmp_path, capsys):
     root = str(tmp_path)
     shards = os.path.join(root, "shards")
     demo_data.write_dataset(root, num_scenes=3, num_frames=9, height=32, width=32)
     demo_data.prepare_demo(root, shards, num_frames=9, height=32, width=32, num_val_scenes=2, scenes_per_shard=2)
     params = str(tmp_path / "tiny.ckpt")
-    convert.save_pytorch(tiny_model(1.0), params)
+    convert.save_pytorch(tiny_model(1.0, timestep_dtype="bfloat16"), params, shift=3.0)  # recorded beside the weights: the CLI needs no flags for them
     capsys.readouterr()  # not prepare's report
     evaluate.main(["--params", params, "--num_heads", "4", "--data", shards, "--batch_size", "4", "--text_len", "16"])
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
@@ -56,6 +56,15 @@ def test_cli_prints_the_gap_over_prepared_shards(tmp_path, capsys):
     assert np.isfinite(values["eval_loss"]) and abs(values["camera_gap"]) > 1e-3
     # Printed to 6 significant digits: the difference of two printed losses is good to about 1e-5.
     assert values["camera_gap"] == pytest.approx(values["eval_loss_shuffled_cameras"] - values["eval_loss"], abs=2e-5)
+
+    def eval_loss(timestep_dtype, shift):
+        model = convert.load_any(params, timestep_dtype=timestep_dtype)
+        batches = loader.make_eval_iterator(shards, batch_size=4, text_len=16)
+        return evaluate.evaluate(model, batches, flow.FlowConfig(shift=shift))["eval_loss"]
+
+    assert values["eval_loss"] == pytest.approx(eval_loss("bfloat16", 3.0), rel=1e-5)
+    assert values["eval_loss"] != pytest.approx(eval_loss("float32", 3.0), rel=1e-5)
+    assert values["eval_loss"] != pytest.approx(eval_loss("bfloat16", 5.0), rel=1e-5)
 
 
 def test_eval_loss_is_the_mean_over_examples_whatever_the_batching():
