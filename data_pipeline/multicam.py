@@ -119,20 +119,27 @@ def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
 def read_focal_lengths(scene: Scene, num_frames: int) -> np.ndarray:
     """Focal lengths (cameras, frames) in mm: the folder's lens, or a camera's curve from `focal_lengths.json`."""
     focal = np.full((NUM_CAMERAS, num_frames), scene.focal_length_mm)
-    if not storage.exists(scene.focal_path):
-        return focal
+    if storage.exists(scene.focal_path):
+        for camera, curve in read_focal_curves(scene.focal_path, num_frames).items():
+            focal[camera - 1] = curve
+    return focal
+
+
+def read_focal_curves(path: str, num_frames: int) -> dict[int, np.ndarray]:
+    """The curves (frames,) in mm of a `focal_lengths.json` by camera number; SceneError naming the file."""
+    curves = {}
     try:
-        with storage.open(scene.focal_path, encoding="utf-8") as f:
-            curves = json.load(f)
-        for key, values in curves.items():
+        with storage.open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        for key, values in raw.items():
             camera = int(key.removeprefix("cam")) if re.fullmatch(r"cam\d\d", key) else 0
             curve = np.asarray(values, np.float64)
             if camera not in CAMERAS or curve.shape != (num_frames,) or not np.all(curve > 0):
                 raise ValueError(f"{key!r} must be cam01..cam10 with {num_frames} positive lengths")
-            focal[camera - 1] = curve
+            curves[camera] = curve
     except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise SceneError(f"{scene.focal_path}: bad focal lengths ({e})") from e
-    return focal
+        raise SceneError(f"{path}: bad focal lengths ({e})") from e
+    return curves
 
 
 def write_focal_lengths(path: str, curves: dict[int, np.ndarray]) -> None:

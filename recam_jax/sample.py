@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from data_pipeline import cameras, multicam
 from recam_jax import convert, flow, sharding, storage, trajectory
 from recam_jax.batch import batch_spec
 from recam_jax.models.attention import BACKENDS
@@ -37,20 +38,23 @@ from recam_jax.models.vae import VAE_CONFIGS, WanVAE
 # The attention backend that fits the official size on one device of each platform.
 DEFAULT_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cpu": "chunked"}
 GiB = 2**30
-BATCH_COLUMNS = ("video", "caption", "trajectory")  # required; `camera` is optional
+BATCH_COLUMNS = ("video", "caption", "trajectory")  # required; `camera` and `source_focal_mm` are optional
 
 
-def euler_step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, guidance: float):
+def euler_step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, intrinsics,
+               guidance: float):
     """x at σ → x at σ_next along dx/dσ = v; the model sees [x ‖ source] and predicts v on x.
 
-    `apply_fn(latents, timesteps, text, camera)`; `guidance` 1 skips the negative pass.
+    `apply_fn(latents, timesteps, text, camera, intrinsics)`; `intrinsics` (b, latent frames, 8): the
+    target's then the source's lens, read by the non-official camera encodings (None for official
+    models); `guidance` 1 skips the negative pass.
     """
     frames = x.shape[1]
     timesteps = jnp.full((x.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
 
     def velocity(caption):
         latents = jnp.concatenate([x, source], axis=1)
-        return apply_fn(latents, timesteps, caption, camera)[:, :frames].astype(jnp.float32)
+        return apply_fn(latents, timesteps, caption, camera, intrinsics)[:, :frames].astype(jnp.float32)
 
     v = velocity(text)
     if guidance != 1.0:
@@ -60,14 +64,14 @@ def euler_step(apply_fn, x, sigma, sigma_next, source, text, negative_text, came
 
 
 def euler_sample(apply_fn, noise, source, text, negative_text, camera, sigmas, guidance: float, *,
-                 step=euler_step, progress: bool = False):
+                 intrinsics=None, step=euler_step, progress: bool = False):
     """Integrates from σ = sigmas[0] to 0, one `step` call per σ from Python (a progress bar with
     `progress`); `step` is `euler_step` or a jitted copy of it, compiled once for every step."""
     x = noise.astype(jnp.float32)
     sigmas = np.asarray(sigmas, np.float32)
     pairs = list(zip(sigmas, np.append(sigmas[1:], np.float32(0.0))))
     for sigma, sigma_next in tqdm(pairs, desc="denoising", unit="step", disable=not progress):
-        x = step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, guidance)
+        x = step(apply_fn, x, sigma, sigma_next, source, text, negative_text, camera, intrinsics, guidance)
     return x
 
 
@@ -139,8 +143,8 @@ def sampling_mesh(spec: str, devices):
 
 
 def abstract_inputs(cfg, latent_shape, text_len: int, batch: int, mesh, params_sharding):
-    """ShapeDtypeStructs of `denoise_step`'s arguments (shapes of the training batch): weights
-    sharded, the rest replicated."""
+    """ShapeDtypeStructs of `denoise_step`'s arguments (shapes of the training batch, intrinsics
+    included, as the CLI passes them for every encoding): weights sharded, the rest replicated."""
     abstract_model = convert.abstract_model(cfg)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.state(abstract_model, nnx.Param), params_sharding)
@@ -149,7 +153,7 @@ def abstract_inputs(cfg, latent_shape, text_len: int, batch: int, mesh, params_s
             for k, v in batch_spec(batch, latent_shape, text_len, cfg.text_dim).items()}
     sigma = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     return (dit_function(nnx.graphdef(abstract_model), params), spec["target_latents"], sigma, sigma,
-            spec["source_latents"], spec["text_embeds"], spec["text_embeds"], spec["camera"])
+            spec["source_latents"], spec["text_embeds"], spec["text_embeds"], spec["camera"], spec["intrinsics"])
 
 
 def compile_denoise_step(cfg, mesh, latent_shape, text_len: int, batch: int = 1, guidance: float = 5.0,
@@ -188,8 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a camera JSON (MultiCamVideo format), a preset (pan_right, ..., arc_right) or a spec "
                              "like 'pan:30+dolly:1' (see docs/trajectories.md)")
     parser.add_argument("--camera", type=int, default=1, help="which camXX of a trajectory JSON to follow")
+    parser.add_argument("--source_focal_mm", type=float, default=trajectory.DEFAULT_FOCAL_MM,
+                        help="the source video's lens (mm, on MultiCamVideo's 23.76 mm sensor); the target's "
+                             "starts there unless the trajectory sets it (a focal:MM term, a focal_lengths.json "
+                             "beside a camera JSON). Read only by the intrinsics and plucker camera encodings")
     parser.add_argument("--out", help="output .mp4 (one video)")
-    parser.add_argument("--batch", help="CSV with columns video, caption, trajectory (and optionally camera): "
+    parser.add_argument("--batch", help="CSV with columns video, caption, trajectory (and optionally camera, "
+                                        "source_focal_mm): "
                                         "one mp4 per row in --out_dir, plus grid.mp4 of [source | render] rows")
     parser.add_argument("--out_dir", help="output folder of --batch")
     parser.add_argument("--text_encoder_dir", required=True)
@@ -228,7 +237,8 @@ def read_batch(path: str) -> list[dict]:
         reader = csv.DictReader(f)
         missing = [c for c in BATCH_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the columns are {BATCH_COLUMNS} (+ camera)")
+            raise ValueError(f"{path}: missing column(s) {missing}; the columns are {BATCH_COLUMNS} "
+                             "(+ camera, source_focal_mm)")
         rows = list(reader)
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         empty = [c for c in BATCH_COLUMNS if not (row[c] or "").strip()]
@@ -236,9 +246,19 @@ def read_batch(path: str) -> list[dict]:
             raise ValueError(f"{path}: line {number}: empty {empty}")
         if not (row.get("camera") or "1").strip().isdigit():
             raise ValueError(f"{path}: line {number}: camera {row['camera']!r} is not a camera number")
+        if not _positive_number(row.get("source_focal_mm") or "1"):
+            raise ValueError(f"{path}: line {number}: source_focal_mm {row['source_focal_mm']!r} is not a positive "
+                             "number of mm")
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def jobs_of(args) -> list[dict]:
@@ -248,12 +268,14 @@ def jobs_of(args) -> list[dict]:
             raise ValueError("--batch needs --out_dir")
         rows = read_batch(args.batch)
         name = lambda i, row: f"{i:03d}_{storage.basename(row['video']).rsplit('.', 1)[0]}.mp4"
-        return [{**row, "camera": int(row.get("camera") or 1), "out": storage.join(args.out_dir, name(i, row))}
+        return [{**row, "camera": int(row.get("camera") or 1), "out": storage.join(args.out_dir, name(i, row)),
+                 "source_focal_mm": float(row.get("source_focal_mm") or args.source_focal_mm)}
                 for i, row in enumerate(rows)]
     missing = [f"--{name}" for name in ("video", "caption", "trajectory", "out") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"give {', '.join(missing)} (or --batch CSV with --out_dir)")
-    return [dict(video=args.video, caption=args.caption, trajectory=args.trajectory, camera=args.camera, out=args.out)]
+    return [dict(video=args.video, caption=args.caption, trajectory=args.trajectory, camera=args.camera, out=args.out,
+                 source_focal_mm=args.source_focal_mm)]
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -281,8 +303,15 @@ def sampling_timestep_dtype(asked: str | None, params: str) -> str:
     return asked or convert.trained_timestep_dtype(convert.read_model_record(params))
 
 
+def lens_input(job: dict, frames: int, aspect: float) -> np.ndarray:
+    """The intrinsics input (latent frames, 8) of a job: its trajectory's target lens, then the source's."""
+    source = np.full(frames, job["source_focal_mm"])
+    target = trajectory.target_focal_lengths(job["trajectory"], job["camera"], frames, job["source_focal_mm"])
+    return cameras.training_intrinsics(source, target, multicam.SENSOR_SIZE_MM, aspect)
+
+
 def main(argv=None) -> None:
-    from data_pipeline import cameras, text_encoder, video, video_encoder
+    from data_pipeline import text_encoder, video, video_encoder
 
     args = build_parser().parse_args(argv)
     jobs = jobs_of(args)
@@ -308,11 +337,12 @@ def main(argv=None) -> None:
         for job in jobs:
             source_video = video.read_video(job["video"], args.num_frames, args.height, args.width)
             camera = cameras.inference_camera(trajectory.load(job["trajectory"], job["camera"], args.num_frames))[None]
+            intrinsics = lens_input(job, args.num_frames, args.width / args.height)[None]
             source = vae(source_video[None])
             noise = jax.random.normal(jax.random.key(args.seed), source.shape, jnp.float32)
             latents = euler_sample(dit, noise, source, embed(job["caption"]), negative, camera,
                                    flow.shifted_sigmas(args.steps, shift), args.guidance,
-                                   step=denoise_step, progress=True)
+                                   intrinsics=intrinsics, step=denoise_step, progress=True)
             frames = to_uint8(vae.decode(np.asarray(latents), tile=tile)[0])
             video.write_video(job["out"], frames, args.fps)
             print(f"wrote {job['out']}", flush=True)

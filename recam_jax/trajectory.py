@@ -210,11 +210,26 @@ def focal_lengths(spec: str, frames: int = DEFAULT_FRAMES, start_mm: float = DEF
     return focal
 
 
+def _is_file(trajectory: str) -> bool:
+    return trajectory.endswith(".json") or storage.exists(trajectory)
+
+
 def load(trajectory: str, camera: int = 1, frames: int = DEFAULT_FRAMES) -> np.ndarray:
     """Unreal matrices (frames, 4, 4) from a camera JSON file (its camXX), a preset name or a spec."""
-    if trajectory.endswith(".json") or storage.exists(trajectory):
+    if _is_file(trajectory):
         return multicam.read_extrinsics(trajectory, frames, camera_numbers=(camera,))[0]
     return generate(trajectory, frames)
+
+
+def target_focal_lengths(trajectory: str, camera: int, frames: int, source_focal_mm: float) -> np.ndarray:
+    """The lens (frames,) in mm of the camera `load` gives: for a camera JSON, its camXX curve in the
+    `focal_lengths.json` beside it (what `--out` writes for a spec that zooms), else the source's lens;
+    for a spec, its focal terms starting from the source's lens (a preset keeps it)."""
+    if not _is_file(trajectory):
+        return focal_lengths(trajectory, frames, start_mm=source_focal_mm)
+    focal_path = storage.join(storage.parent(trajectory), multicam.FOCAL_FILE)
+    curves = multicam.read_focal_curves(focal_path, frames) if storage.exists(focal_path) else {}
+    return curves.get(camera, np.full(frames, float(source_focal_mm)))
 
 
 def main(argv=None) -> None:

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import demo_data, video, video_encoder
+from data_pipeline import cameras, demo_data, video, video_encoder
 from recam_jax import compile as planner
-from recam_jax import convert, flow, sample
+from recam_jax import convert, flow, sample, trajectory
+from recam_jax.models import camera_encoding
 from recam_jax.models.dit import WanDiT, dit_config
 from tests.test_attention import tpu_topology
+from tests.test_camera_encoding import model as tiny_model
+from tests.test_camera_encoding import randomize
 
 REQUIRED = ["--params", "p", "--text_encoder_dir", "t"]  # the CLI's required flags; everything else default
 
@@ -24,7 +27,7 @@ def test_euler_with_the_exact_velocity_reaches_the_data():
     x0 = jax.random.normal(keys[0], (2, 3, 4, 4, 16))
     source = jax.random.normal(keys[1], (2, 3, 4, 4, 16))
 
-    def exact_velocity(latents, timesteps, text, camera):
+    def exact_velocity(latents, timesteps, text, camera, intrinsics):
         """v = ε − x0 for the ε that explains x_σ on the target half; wrong unless the source half is `source`."""
         x, src = latents[:, :3], latents[:, 3:]
         sigma = timesteps[:, None, None, None, None] / flow.NUM_TRAIN_TIMESTEPS
@@ -38,7 +41,7 @@ def test_euler_with_the_exact_velocity_reaches_the_data():
 
 
 def test_guidance_extrapolates_from_the_negative_caption():
-    def constant_velocity(latents, timesteps, text, camera):
+    def constant_velocity(latents, timesteps, text, camera, intrinsics):
         return jnp.broadcast_to(text, latents.shape)
 
     noise = jnp.zeros((1, 2, 2, 2, 16))
@@ -46,6 +49,34 @@ def test_guidance_extrapolates_from_the_negative_caption():
     # One step from σ = 1 to 0 moves x by −v: v = 0 + g·(1 − 0) = g.
     np.testing.assert_allclose(sample.euler_sample(constant_velocity, *args, guidance=3.0), -3.0)
     np.testing.assert_allclose(sample.euler_sample(constant_velocity, *args, guidance=1.0), -1.0)
+
+
+@pytest.mark.parametrize("encoding", camera_encoding.ENCODINGS)
+def test_the_sampler_hands_the_target_lens_to_the_model(encoding):
+    """Renders along a pan with and without a zoom: they differ for the encodings that read the lens
+    (trained extra module), and an official model renders as it does without any intrinsics."""
+    dit = tiny_model(encoding)
+    if encoding != "official":
+        randomize(getattr(dit.blocks, camera_encoding.EXTRA_MODULES[encoding][0]))
+    dit = sample.dit_function(*nnx.split(dit))
+    rng = np.random.default_rng(0)
+    noise, source = (jnp.asarray(rng.standard_normal((1, 3, 4, 4, 16)), jnp.float32) for _ in range(2))
+    text = jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32)
+    camera = cameras.inference_camera(trajectory.load("pan:10", frames=9))[None]
+
+    def render(spec):
+        lens = None if spec is None else sample.lens_input(
+            {"trajectory": spec, "camera": 1, "source_focal_mm": 24.0}, 9, 1.0)[None]
+        return np.asarray(sample.euler_sample(dit, noise, source, text, text, camera, flow.shifted_sigmas(2, 5.0),
+                                              guidance=1.0, intrinsics=lens, step=sample.denoise_step))
+
+    still, zoom = render("pan:10"), render("pan:10+focal:60")
+    assert np.isfinite(zoom).all()
+    if encoding == "official":
+        np.testing.assert_array_equal(zoom, still)
+        np.testing.assert_array_equal(still, render(None))
+    else:
+        assert np.abs(zoom - still).max() > 1e-3
 
 
 def demo_scene(tmp_path):

@@ -145,3 +145,23 @@ def test_cli_writes_the_focal_curves_beside_the_camera_json(tmp_path):
         focal = json.load(f)
     np.testing.assert_allclose(focal["cam02"], [24.0, 30.0, 36.0, 42.0, 48.0])
     np.testing.assert_array_equal(focal["cam01"], 24.0)
+
+
+def test_the_target_lens_ramps_from_the_source_s_or_follows_the_focal_file_beside_a_json(tmp_path):
+    """A spec's focal terms start at the source's lens (a preset keeps it); a camera JSON takes its
+    camera's curve from the focal_lengths.json beside it, else keeps the source's lens."""
+    np.testing.assert_allclose(trajectory.target_focal_lengths("pan:20+focal:48", 1, 5, 36.0), [36, 39, 42, 45, 48])
+    np.testing.assert_array_equal(trajectory.target_focal_lengths("zoom_in", 1, 5, 36.0), np.full(5, 36.0))
+    zooming, plain = tmp_path / "zooming", tmp_path / "plain"
+    zooming.mkdir(), plain.mkdir()
+    trajectory.main(["pan:20", "dolly:1+focal:48", "--frames", "5", "--focal_mm", "12",
+                     "--out", str(zooming / "camera_extrinsics.json")])
+    trajectory.main(["pan:20", "--frames", "5", "--out", str(plain / "camera_extrinsics.json")])
+    from_file = lambda folder, camera: trajectory.target_focal_lengths(
+        str(folder / "camera_extrinsics.json"), camera, 5, 36.0)
+    np.testing.assert_allclose(from_file(zooming, 2), [12, 21, 30, 39, 48])
+    np.testing.assert_array_equal(from_file(zooming, 1), np.full(5, 12.0))  # the file's lens, not the source's
+    np.testing.assert_array_equal(from_file(plain, 1), np.full(5, 36.0))
+    (zooming / multicam.FOCAL_FILE).write_text(json.dumps({"cam01": [24.0, 24.0]}))
+    with pytest.raises(multicam.SceneError, match=r"zooming/focal_lengths.json: bad focal lengths .*5 positive"):
+        from_file(zooming, 1)
