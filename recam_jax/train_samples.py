@@ -5,7 +5,9 @@ of the first eval batch, with a fixed noise: the same scenes, cameras and noise 
 samples are comparable across steps. They are denoised by the sampler's loop (`sample.euler_sample`
 stepping `sample.denoise_step`) from the train state's weights as they lie sharded on the mesh
 (never gathered): `sample.steps` Euler steps over the training σ grid, without guidance (the shards
-hold no embedding of a negative caption), over a centre crop of `sample.crop` latent pixels.
+hold no embedding of a negative caption), over a centre crop of `sample.crop` latent pixels. The
+scenes keep their lenses (the eval batch's intrinsics, rescaled to the crop), which the intrinsics
+and plucker camera encodings read.
 
 Per scene TensorBoard gets a frame strip (rows: source, generated, ground-truth target), a GIF of
 the three side by side, and once, the trajectory plot of the target camera. The sample's wall time
@@ -30,6 +32,7 @@ from recam_jax import flow, sample, trajectory_plot
 from recam_jax.models.vae import VAE_CONFIGS
 
 SCENE_KEYS = ("source_latents", "target_latents", "text_embeds", "camera")
+LENS_KEY = "intrinsics"  # carried too when the eval batch has it: the non-official camera encodings read it
 STRIP_FRAMES = 5  # frames shown per row of a strip, evenly spaced
 GIF_FPS = 15  # the frame rate of MultiCamVideo
 VAE_SPATIAL = 8  # pixels per latent pixel of the Wan VAE: the `latents` preview is enlarged as much
@@ -57,6 +60,13 @@ def centre_crop(latents: np.ndarray, crop) -> np.ndarray:
     return latents[:, :, top:top + sizes[0], left:left + sizes[1]]
 
 
+def cropped_intrinsics(intrinsics: np.ndarray, full_hw, crop_hw) -> np.ndarray:
+    """Normalised intrinsics (..., 8) of a centre crop: focal lengths in the crop's (smaller) widths
+    and heights, the principal point still central."""
+    (full_h, full_w), (crop_h, crop_w) = full_hw, crop_hw
+    return intrinsics * np.tile([full_w / crop_w, full_h / crop_h, 1.0, 1.0], 2).astype(intrinsics.dtype)
+
+
 def frame_strip(videos: list[np.ndarray]) -> np.ndarray:
     """uint8 videos (frames, h, w, 3) as one image: a row of `STRIP_FRAMES` frames per video."""
     shown = np.unique(np.linspace(0, len(videos[0]) - 1, STRIP_FRAMES).round().astype(int))
@@ -78,9 +88,13 @@ class TrainingSamples:
             raise ValueError(f"sample.crop={tuple(c.crop)} must be even (the DiT's 2×2 patches)")
         self.scenes, self.steps, self.graphdef = c.scenes, c.steps, graphdef
         self.sigmas = flow.shifted_sigmas(c.steps, config.flow.shift)
-        scenes = {k: np.asarray(multihost_utils.process_allgather(eval_batch[k], tiled=True))[:rows] for k in SCENE_KEYS}
+        keys = [*SCENE_KEYS, *([LENS_KEY] if LENS_KEY in eval_batch else [])]
+        scenes = {k: np.asarray(multihost_utils.process_allgather(eval_batch[k], tiled=True))[:rows] for k in keys}
+        full = scenes["target_latents"].shape[2:4]
         for k in ("source_latents", "target_latents"):
             scenes[k] = centre_crop(scenes[k], c.crop)
+        if LENS_KEY in scenes:
+            scenes[LENS_KEY] = cropped_intrinsics(scenes[LENS_KEY], full, scenes["target_latents"].shape[2:4])
         noise = np.random.default_rng(config.seed).standard_normal(scenes["target_latents"].shape, np.float32)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.inputs = jax.device_put({**scenes, "noise": noise}, replicated)
@@ -93,7 +107,8 @@ class TrainingSamples:
         x = self.inputs
         dit = sample.dit_function(self.graphdef, state.trainable, state.frozen)
         latents = sample.euler_sample(dit, x["noise"], x["source_latents"], x["text_embeds"], x["text_embeds"],
-                                      x["camera"], self.sigmas, guidance=1.0, step=sample.denoise_step)
+                                      x["camera"], self.sigmas, guidance=1.0, intrinsics=x.get(LENS_KEY),
+                                      step=sample.denoise_step)
         return np.asarray(multihost_utils.process_allgather(latents, tiled=True))
 
     def write(self, state, step: int, writer) -> float:
