@@ -179,9 +179,11 @@ def test_cli_refuses_a_batch_the_hosts_cannot_split_before_compiling():
             "axes ('data', 'fsdp') (16 shards), so each device would hold 1.5 rows") in result.stderr, result.stderr[-2000:]
 
 
-def test_sample_plan_compiles_one_denoising_step_and_the_vae_decode():
-    """Two forward passes (both guidance branches) per video, one video per data-parallel group."""
-    config = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 1})
+@pytest.mark.parametrize("encoding", ["official", "plucker"])
+def test_sample_plan_compiles_one_denoising_step_and_the_vae_decode(encoding):
+    """Two forward passes (both guidance branches) per video, one video per data-parallel group; a
+    camera encoding that reads the lens gets the intrinsics the sampler passes."""
+    config = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 1, "model.camera_encoding": encoding})
     text = planner.plan_sample(config, jax.devices()[:2])
     forward = flops.forward_flops(train.model_config(config), config.data.latent_shape, config.data.text_len)
     assert "2 × latents" in text and f"model FLOPs per step: {2 * 2 * forward:.4g}" in text, text

@@ -145,6 +145,17 @@ def test_batch_csv_errors_name_the_file_line_and_column(tmp_path):
     table.write_text("video,caption,trajectory\na.mp4,a ball,pan_right\nb.mp4,,pan_left\n")
     with pytest.raises(ValueError, match=r"batch.csv: line 3: empty \['caption'\]"):
         sample.read_batch(str(table))
+    table.write_text("video,caption,trajectory,source_focal_mm\na.mp4,a ball,pan_right,35\nb.mp4,a ball,pan_left,wide\n")
+    with pytest.raises(ValueError, match=r"batch.csv: line 3: source_focal_mm 'wide' is not a positive number"):
+        sample.read_batch(str(table))
+
+
+def test_the_source_lens_is_a_batch_row_s_else_the_flag_s(tmp_path):
+    table = tmp_path / "batch.csv"
+    table.write_text("video,caption,trajectory,source_focal_mm\na.mp4,a ball,pan_right,35\nb.mp4,a ball,pan_left,\n")
+    args = sample.build_parser().parse_args([*REQUIRED, "--batch", str(table), "--out_dir", "o", "--source_focal_mm", "18"])
+    assert [job["source_focal_mm"] for job in sample.jobs_of(args)] == [35.0, 18.0]
+    assert sample.build_parser().parse_args(REQUIRED).source_focal_mm == trajectory.DEFAULT_FOCAL_MM
 
 
 def official_size_on_one_v5p_chip(attention=None, num_layers=1):
