@@ -31,7 +31,8 @@ Spec syntax (what `--trajectory` and `python -m recam_jax.trajectory` take):
 
 e.g. `pan:30`, `arc:60,radius=3,speed=ease`, `truck:1+pan:-20`, `pan:90,end=0.5+dolly:2,start=0.5`,
 `pedestal:1+aim:4`, `zoom_in+roll:10`, `dolly:2+focal:12` (a dolly zoom from 24 mm). A move
-reaches its amount on the clip's last frame. `focal_lengths` gives the lens along a spec.
+reaches its amount on the clip's last frame. `focal_lengths` gives the lens along a spec, and
+`target_focal_lengths` the lens of any `--trajectory` (the sampler's, starting from the source's lens).
 
 The presets reproduce the official file to its 6 printed digits. They are linear moves that run
 half a frame past the last frame (frame k of 81 is at k/80.5 of the move, measured from the file);
