@@ -264,6 +264,8 @@ def _positive_number(text: str) -> bool:
 
 def jobs_of(args) -> list[dict]:
     """The videos to render: the --batch rows, or the one of --video/--caption/--trajectory/--out."""
+    if args.source_focal_mm <= 0:
+        raise ValueError(f"--source_focal_mm {args.source_focal_mm:g}: a focal length is a positive number of mm")
     if args.batch:
         if not args.out_dir:
             raise ValueError("--batch needs --out_dir")

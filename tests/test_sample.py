@@ -156,6 +156,8 @@ def test_the_source_lens_is_a_batch_row_s_else_the_flag_s(tmp_path):
     args = sample.build_parser().parse_args([*REQUIRED, "--batch", str(table), "--out_dir", "o", "--source_focal_mm", "18"])
     assert [job["source_focal_mm"] for job in sample.jobs_of(args)] == [35.0, 18.0]
     assert sample.build_parser().parse_args(REQUIRED).source_focal_mm == trajectory.DEFAULT_FOCAL_MM
+    with pytest.raises(ValueError, match="--source_focal_mm -5: a focal length is a positive number of mm"):
+        sample.jobs_of(sample.build_parser().parse_args([*REQUIRED, "--source_focal_mm", "-5"]))
 
 
 def official_size_on_one_v5p_chip(attention=None, num_layers=1):
