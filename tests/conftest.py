@@ -17,6 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "..", "shared", "fixtures", "recammaster_examples")
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (otherwise in order): xdist hands out tests in this order, so the long ones
+    start at once on both workers instead of one of them ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def fixtures_dir():
     """The real ReCamMaster example data, when ../shared/fixtures is present."""

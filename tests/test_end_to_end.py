@@ -34,23 +34,6 @@ def demo_config(path, steps):
     return config
 
 
-def test_trains_on_prepared_shards_resumes_and_exports(shards, tmp_path):
-    workdir = str(tmp_path / "run")
-    train.train(demo_config(shards, steps=2), workdir)
-    state = train.train(demo_config(shards, steps=4), workdir)  # resumes at step 2, loader included
-    assert int(state.step) == 4
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert all(r["skipped_corrupt"] == 0 for r in records if "loss" in r)
-    evals = [r for r in records if "eval_loss" in r]
-    assert evals and all(np.isfinite(r["eval_loss"]) and np.isfinite(r["camera_gap"]) for r in evals)
-    export = os.path.join(workdir, "exports", "recammaster_step4.ckpt")
-    assert convert.read_model_record(export)["flow_shift"] == demo_config(shards, 4).flow.shift
-    exported = convert.load_pytorch(export, train.model_config(demo_config(shards, 4)))
-    assert exported.blocks.cam_encoder.kernel[...].shape[1:] == (12, 64)  # (layers, 12, dim)
-
-
 def tensorboard_events(folder):
     """Every Event in the TFRecord-framed event files of a TensorBoard folder."""
     events = []
@@ -65,12 +48,25 @@ def tensorboard_events(folder):
     return events
 
 
-@pytest.mark.slow  # a training run with eval and a sample (trains, compiles the denoising step, decodes)
-def test_demo_run_writes_samples_and_the_camera_gap_to_tensorboard(shards, tmp_path):
-    config = demo_config(shards, steps=2)
-    config.sample_every, config.sample.steps = 2, 2  # configs/demo.py decodes with the shards' demo VAE
+@pytest.mark.slow  # two training runs with eval, the second with a sample (compiles the denoising step, decodes)
+def test_trains_on_prepared_shards_resumes_exports_and_writes_samples_and_the_camera_gap(shards, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train(config, workdir)
+    train.train(demo_config(shards, steps=2), workdir)
+    config = demo_config(shards, steps=4)
+    config.sample_every, config.sample.steps = 4, 2  # configs/demo.py decodes with the shards' demo VAE
+    state = train.train(config, workdir)  # resumes at step 2, loader included
+    assert int(state.step) == 4
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["skipped_corrupt"] == 0 for r in records if "loss" in r)
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all(np.isfinite(r["eval_loss"]) and np.isfinite(r["camera_gap"]) for r in evals)
+    export = os.path.join(workdir, "exports", "recammaster_step4.ckpt")
+    assert convert.read_model_record(export)["flow_shift"] == config.flow.shift
+    exported = convert.load_pytorch(export, train.model_config(config))
+    assert exported.blocks.cam_encoder.kernel[...].shape[1:] == (12, 64)  # (layers, 12, dim)
+
     events = tensorboard_events(os.path.join(workdir, "tensorboard"))
     scalars = {v.tag: v.simple_value for e in events for v in e.summary.value if not v.HasField("image")}
     images = {v.tag: iio.imread(v.image.encoded_image_string, index=None) for e in events for v in e.summary.value

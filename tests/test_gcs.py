@@ -1,8 +1,9 @@
 """The pod path on a real GCS server (fake-gcs-server on loopback): prepare writes shards to a
-bucket; a two-process job (one model sharded over the 8 devices of both processes) trains from them
-with its workdir and compilation cache in the bucket, evaluates, checkpoints and exports there, and
-matches the same job on one process; a second job is SIGKILLed, resumes bit-identically from the
-bucket, and its exported .ckpt is read back from there by the converter."""
+bucket; a two-process job (one model sharded over the 8 devices of both processes, each process
+loading its own rows) trains from them with its workdir and compilation cache in the bucket,
+evaluates, checkpoints and exports there; a second job is SIGKILLed, resumes bit-identically from the
+bucket, and its exported .ckpt is read back from there by the converter. (That two-process jobs equal
+one process, this layout included, is test_multihost.py's.)"""
 
 import json
 import os
@@ -19,7 +20,7 @@ from configs import demo
 from data_pipeline import demo_data, shards
 from recam_jax import convert, storage, train
 from tests.conftest import REPO
-from tests.test_multihost import launch_one_process, launch_two_processes, start_two_processes, wait_for_success
+from tests.test_multihost import launch_two_processes, start_two_processes, wait_for_success
 
 STEPS = 8
 TIMEOUT = 900  # seconds per launch: each compiles the step in two processes sharing the CPU cores
@@ -40,7 +41,7 @@ def exported(workdir: str, config):
 
 
 @pytest.mark.slow
-def test_two_process_job_on_a_bucket_trains_like_one_process_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
+def test_two_process_job_on_a_bucket_trains_survives_sigkill_and_exports_there(gcs_bucket, tmp_path):
     data = f"{gcs_bucket}/shards"
     demo_data.write_dataset(str(tmp_path), num_scenes=3, num_frames=9, height=32, width=32)
     demo_data.prepare_demo(str(tmp_path), data, num_frames=9, height=32, width=32, num_val_scenes=1,
@@ -57,18 +58,6 @@ def test_two_process_job_on_a_bucket_trains_like_one_process_survives_sigkill_an
     assert sorted(read_metric(straight, "eval_loss")) == [STEPS // 2, STEPS]
     assert sorted(storage.listdir(storage.join(straight, "checkpoints", str(STEPS), "data"))) == [
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
-
-    # The same job on one process owning all 8 devices: the same losses, eval and exported weights.
-    config = demo.get_config()
-    config.data.latent_shape = (3, 4, 4, 16)
-    launch_one_process(tmp_path / "one_process", STEPS, **trainer)
-    for name in ("loss", "grad_norm", "eval_loss"):
-        np.testing.assert_allclose(list(read_metric(straight, name).values()),
-                                   list(read_metric(str(tmp_path / "one_process"), name).values()), rtol=1e-5,
-                                   err_msg=name)
-    for got, want in zip(jax.tree.leaves(nnx.state(exported(straight, config))),
-                         jax.tree.leaves(nnx.state(exported(str(tmp_path / "one_process"), config))), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     killed = f"{gcs_bucket}/killed"
     processes = start_two_processes(killed, STEPS, **trainer)
@@ -89,6 +78,8 @@ def test_two_process_job_on_a_bucket_trains_like_one_process_survives_sigkill_an
     assert sorted(resumed) == list(range(1, STEPS + 1)) and resumed == losses
     assert storage.listdir(storage.join(killed, "tensorboard"))  # event files, written through the GCS client
     assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder named "gs:"
+    config = demo.get_config()
+    config.data.latent_shape = (3, 4, 4, 16)
     for got, want in zip(jax.tree.leaves(nnx.state(exported(killed, config))),
                          jax.tree.leaves(nnx.state(exported(straight, config))), strict=True):
         np.testing.assert_array_equal(got, want)

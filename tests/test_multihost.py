@@ -1,6 +1,6 @@
 """Real multi-host jobs on one machine: two trainer processes of 4 CPU devices each, joined by
-jax.distributed (gloo collectives): a preemption notice reaching one host, and meshes whose context
-groups span both processes, so both must feed the same batch rows. (The job on a GCS bucket, with its
+jax.distributed (gloo collectives): a preemption notice reaching one host, and layouts whose batch,
+context and tensor groups span the processes in different ways, each training like one process. (The job on a GCS bucket, with its
 SIGKILL and resume, is in test_gcs.py.)"""
 
 import os
@@ -87,27 +87,29 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step_and_exit(tmp_pa
     assert manager.latest_step() == saved[0]
 
 
-# Meshes on which context groups span the two processes (overrides of the two-process job).
-# With num_slices=2 each process is a DCN granule (`sharding.make_mesh`), and the granule is the outer
-# index of an axis, so `dcn_context=2` puts half of every context group on each process.
-CONTEXT_ACROSS_PROCESSES = {
+# Layouts of the two-process job (overrides). Without slices the outer mesh axis splits the processes:
+# `fsdp8` shards the batch over both, so each process loads other rows; `context8` spans a context
+# group over both, so both load the same rows. With num_slices=2 each process is a DCN granule
+# (`sharding.make_mesh`), the outer index of an axis: `dcn_context=2` puts half of every context group
+# on each process, beside fsdp and tensor groups inside each process.
+LAYOUTS = {
+    "fsdp8": {"mesh.fsdp": 8},
     "context8": {"mesh.context": 8},
-    "data2_context4_split": {"mesh.data": 2, "mesh.context": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
-                             "mesh.dcn_context": 2},
     "fsdp2_context2_tensor2": {"mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
                                "mesh.dcn_context": 2},
 }
 
 
 @pytest.mark.slow
-def test_context_groups_across_processes_train_like_one_process(tmp_path):
-    """Each two-process job equals one process on 8 devices (global batches do not depend on the layout)."""
+def test_two_process_layouts_train_like_one_process(tmp_path):
+    """Each two-process job equals one process on 8 devices (global batches do not depend on the layout):
+    the rows each process loads follow the batch sharding, whichever axes span the processes."""
     base = {"checkpoint_every": 100, "log_every": 1, "eval_every": 2, "mesh.data": 1, "mesh.fsdp": 1,
             "max_unsharded_fraction": 1.0}
     launch_one_process(tmp_path / "one", steps=2, overrides={**base, "mesh.context": 8})
     config = train.model_config(tiny_config())
     one = convert.load_pytorch(str(tmp_path / "one" / "exports" / "recammaster_step2.ckpt"), config)
-    for mesh, overrides in CONTEXT_ACROSS_PROCESSES.items():
+    for mesh, overrides in LAYOUTS.items():
         launch_two_processes(tmp_path / mesh, steps=2, overrides={**base, **overrides})
         for key in ("loss", "grad_norm", "eval_loss"):
             two, reference = ([r[key] for r in read_metrics(tmp_path / run) if key in r] for run in (mesh, "one"))

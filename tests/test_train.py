@@ -41,7 +41,7 @@ def test_overfits_one_fixed_batch():
     step_fn, _, data_sharding = train.build_step(config, mesh, graphdef, jax.eval_shape(lambda: state))
     batch = train.to_global(next(train.make_data_iterator(config, data_sharding)), data_sharding, config)
     losses = []
-    for _ in range(80):
+    for _ in range(55):  # the loss is below a tenth of its start by step ~42
         # Holding the step counter (which seeds noise and timesteps) at 0 fixes the whole input.
         state, metrics = step_fn(state.replace(step=jnp.zeros_like(state.step)), batch)
         losses.append(float(metrics["loss"]))
