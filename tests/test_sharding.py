@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from configs import wan14b
 from recam_jax import sharding, train
 from recam_jax.models.dit import WanDiT, dit_config
 from tests.conftest import tiny_config
@@ -191,10 +190,10 @@ def test_optimizer_state_is_sharded_like_its_parameters():
     assert spec_dump(moments["mu"]) == spec_dump(moments["nu"]) == spec_dump(nnx.state(model, nnx.Param))
 
 
-def test_wan14b_shards_parameters_and_moments_over_context_too():
-    """configs/wan14b's rules on its kind of mesh (fsdp 4 × context 2 here, 8 CPU devices, the tiny
-    model with the paper's frozen backbone): every parameter and Adam moment split over fsdp is split
-    over context as well, so each device holds half the bytes of it that fsdp alone leaves."""
+def test_fsdp_context_rules_shard_parameters_and_moments_over_context_too():
+    """`sharding_rules=fsdp_context` on an fsdp × context mesh (fsdp 4 × context 2 here, 8 CPU devices,
+    the tiny model with the paper's frozen backbone): every parameter and Adam moment split over fsdp
+    is split over context as well, so each device holds half the bytes of it that fsdp alone leaves."""
     mesh = sharding.make_mesh({"fsdp": 4, "context": 2})
 
     def state_layout(rules):
@@ -206,7 +205,7 @@ def test_wan14b_shards_parameters_and_moments_over_context_too():
         return jax.tree.leaves(held), jax.tree.leaves((shardings.trainable, shardings.frozen, shardings.opt_state))
 
     arrays, before = state_layout("default")
-    _, after = state_layout(wan14b.get_config().sharding_rules)
+    _, after = state_layout("fsdp_context")
     mesh_axes = lambda s: jax.tree.leaves(tuple(s.spec))
     shard_bytes = lambda a, s: int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
     over_fsdp = [i for i, s in enumerate(before) if "fsdp" in mesh_axes(s)]
