@@ -19,7 +19,7 @@ from flax import nnx
 from recam_jax import checkpoint, convert, train
 from tests.conftest import REPO, read_metrics, shared_cache, tiny_config
 
-OVERRIDES = {"checkpoint_every": 2, "log_every": 1, "eval_every": 2, "mesh.data": 1, "mesh.fsdp": -1,
+OVERRIDES = {"checkpoint_every": 2, "log_every": 1, "eval_every": 0, "mesh.data": 1, "mesh.fsdp": -1,
              "max_unsharded_fraction": 0.05}
 
 
@@ -91,10 +91,12 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step_and_exit(tmp_pa
 # `fsdp8` shards the batch over both, so each process loads other rows; `context8` spans a context
 # group over both, so both load the same rows. With num_slices=2 each process is a DCN granule
 # (`sharding.make_mesh`), the outer index of an axis: `dcn_context=2` puts half of every context group
-# on each process, beside fsdp and tensor groups inside each process.
+# on each process, beside data (or fsdp and tensor) groups inside each process.
 LAYOUTS = {
     "fsdp8": {"mesh.fsdp": 8},
     "context8": {"mesh.context": 8},
+    "data2_context4_split": {"mesh.data": 2, "mesh.context": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
+                             "mesh.dcn_context": 2},
     "fsdp2_context2_tensor2": {"mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_slices": 2, "mesh.dcn_data": 1,
                                "mesh.dcn_context": 2},
 }
