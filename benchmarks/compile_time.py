@@ -21,7 +21,7 @@ from recam_jax import sharding, train
 
 def benchmark(config, devices) -> dict:
     """Seconds to trace and lower, seconds to compile, and per-chip GiB of the config's train step."""
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+    mesh = train.make_mesh(config, devices)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.rules_for(config.sharding_rules)):
         start = time.perf_counter()
         lowered = train.lower_step(config, mesh)[0]
