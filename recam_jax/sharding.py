@@ -108,7 +108,7 @@ def _fill_sizes(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"at most one mesh axis may be -1; got {dict(sizes)}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        shape[shape.index(-1)] = num_devices // known if num_devices % known == 0 else 0
+        shape[shape.index(-1)] = num_devices // known  # a remainder fails the check below
     if math.prod(shape) != num_devices:
         raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, shape))} do not multiply to {num_devices} devices")
     return tuple(shape)
@@ -187,8 +187,7 @@ def param_specs(abstract_state, rules: LogicalRules = DEFAULT_RULES):
 
 def param_shardings(abstract_state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
     """NamedSharding tree for an nnx state, e.g. the `out_shardings` of a jitted init."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(abstract_state, rules),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(abstract_state, rules))
 
 
 def logical_names(abstract_state) -> set[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from recam_jax import sharding, train
 from recam_jax.models.dit import WanDiT, dit_config
@@ -64,8 +64,49 @@ def test_make_mesh_with_dcn_sizes_is_per_slice_times_slices():
 
 def test_process_rows_refuses_a_batch_that_is_not_whole_rows_per_device():
     batch_sharding = sharding.batch_sharding(sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2}))
-    with pytest.raises(sharding.BatchLayoutError, match=r"batch_size=6 .*\('data', 'fsdp'\) \(4 shards\)"):
+    with pytest.raises(sharding.BatchLayoutError, match=r"batch_size=6 .*\('data', 'fsdp'\) \(4 shards\), "
+                                                        r"so each device would hold 1.5 rows"):
         sharding.process_rows(batch_sharding, 6)
+
+
+@pytest.mark.parametrize("spec", [PartitionSpec(), PartitionSpec(None), PartitionSpec("data"), PartitionSpec(("data",))])
+def test_process_rows_reads_a_replicated_or_one_axis_batch(spec):
+    """A replicated batch (no spec, or None) is loaded whole; one axis named alone or in a tuple splits it."""
+    mesh = sharding.make_mesh({"data": 8})
+    rows = sharding.process_rows(NamedSharding(mesh, spec), 8)
+    assert list(rows) == [0] and list(rows[0]) == list(range(8))
+    if spec and spec[0]:
+        with pytest.raises(sharding.BatchLayoutError, match=r"\('data',\) \(8 shards\)"):
+            sharding.process_rows(NamedSharding(mesh, spec), 4)
+
+
+def test_make_mesh_uses_the_devices_it_is_given():
+    devices = jax.devices()[4:6]
+    assert list(sharding.make_mesh({"data": 2}, devices=devices).devices.flat) == devices
+
+
+def test_unsharded_fraction_counts_elements_replicated_over_several_devices(caplog):
+    two = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    state = {"split": jax.ShapeDtypeStruct((6,), jnp.float32), "whole": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    shardings = {"split": NamedSharding(two, PartitionSpec("data")), "whole": NamedSharding(two, PartitionSpec())}
+    with caplog.at_level("INFO"):
+        assert sharding.check_sufficiently_sharded(state, shardings, max_unsharded_fraction=0.25) == 0.25  # 2 of 8
+    assert caplog.records[-1].getMessage() == "unsharded parameters: 25.00%"
+    with pytest.raises(ValueError, match=r"25.0% of parameter elements are unsharded \(limit 24.0%\)"):
+        sharding.check_sufficiently_sharded(state, shardings, max_unsharded_fraction=0.24)
+    one = NamedSharding(sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), PartitionSpec())
+    assert sharding.check_sufficiently_sharded(state, {"split": one, "whole": one}) == 0.0  # one device: nothing to split
+    scalar = {"w": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    assert sharding.check_sufficiently_sharded(scalar, {"w": shardings["whole"]}, max_unsharded_fraction=1.0) == 1.0
+
+
+def test_the_unsharded_error_names_the_five_largest_arrays():
+    two = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    state = {f"w{n}": jax.ShapeDtypeStruct((n,), jnp.float32) for n in range(1, 7)}
+    replicated = {name: NamedSharding(two, PartitionSpec()) for name in state}
+    with pytest.raises(ValueError, match=r"largest: \['w6'\] \(6\), \['w5'\] \(5\), \['w4'\] \(4\), "
+                                         r"\['w3'\] \(3\), \['w2'\] \(2\)$"):
+        sharding.check_sufficiently_sharded(state, replicated)
 
 
 def test_make_mesh_keeps_fsdp_within_a_slice_and_data_across_slices():
@@ -117,10 +158,11 @@ def test_hand_made_launch_passes_its_process_layout(plain_host):
     calls = []
     for name, value in {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}.items():
         plain_host.setenv(name, value)
-    sharding.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw), detect_cluster=lambda: False)
+    assert sharding.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw), detect_cluster=lambda: False)
     assert calls == [{"num_processes": 2, "process_id": 1}]
     plain_host.setenv("JAX_PROCESS_ID", "one")
-    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+    with pytest.raises(ValueError, match=r"^JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must "
+                                         r"both be set to integers, got '2' and 'one'$"):
         sharding.maybe_initialize_distributed(initialize=lambda **kw: None)
 
 
@@ -129,7 +171,20 @@ def test_hand_made_launch_passes_its_process_layout(plain_host):
 
 @pytest.mark.parametrize("variant", ["tiny", "1.3B"])
 def test_rules_table_names_every_logical_axis_of_the_model(variant):
-    assert sharding.logical_names(abstract_params(variant)) <= {name for name, _ in sharding.DEFAULT_RULES}
+    names = sharding.logical_names(abstract_params(variant))
+    assert {"layers", "embed", "heads", "mlp"} <= names <= {name for name, _ in sharding.DEFAULT_RULES}
+
+
+def test_logical_names_skip_plain_arrays_and_read_every_variable():
+    params = abstract_params("tiny")
+    state = {"count": jax.ShapeDtypeStruct((), jnp.int32), "params": params}  # an optimizer count comes first
+    assert sharding.logical_names(state) == sharding.logical_names(params) != set()
+
+
+def test_a_rules_table_missing_a_logical_axis_of_the_params_is_refused():
+    without_mlp = tuple(rule for rule in sharding.DEFAULT_RULES if rule[0] != "mlp")
+    with pytest.raises(ValueError, match=r"\['mlp'\] are not in the rules table"):
+        sharding.param_specs(abstract_params("tiny"), without_mlp)
 
 
 def test_unknown_logical_name_is_an_error_not_a_mesh_axis():
