@@ -2,6 +2,7 @@
 themselves, and each refusal naming the file (seconds)."""
 
 import json
+import warnings
 import re
 
 import ml_dtypes
@@ -144,3 +145,52 @@ def test_the_listing_is_cut_after_twenty(count, tail):
         torch_io.check_names_and_shapes("ckpt.pt", expected, {})
     assert str(error.value).splitlines()[1] == f"  missing ({count}): " + ", ".join(
         f"k{i:02d}" for i in range(20)) + tail
+
+
+class _NotATensor:
+    """What a pickle may hold besides tensors: loading it would run this class's code."""
+
+
+def test_a_pickle_holding_an_object_is_refused_unloaded(tmp_path):
+    torch.save({"a": torch.ones(1), "obj": _NotATensor()}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w\.pt: refused: the pickle holds more than tensors, and loading it "
+                                              r"could run arbitrary code\. .*accepted \(Weights only load failed"):
+        torch_io.open_state_dict(str(tmp_path / "w.pt"))
+    (tmp_path / "w.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"not json")
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: not a readable safetensors file"):
+        torch_io.open_state_dict(str(tmp_path / "w.safetensors"))
+
+
+def test_the_pickle_archive_has_the_records_torch_save_writes_in_its_order(tmp_path):
+    """torch.load reads archives without some records; other readers (and later torch versions) may not."""
+    import zipfile
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    torch_io.save_state_dict({"a": array}, str(tmp_path / "ours.ckpt"))
+    torch.save({"a": torch.from_numpy(array)}, tmp_path / "theirs.ckpt")
+
+    def records(path):  # name inside the archive's folder -> bytes, in the archive's order
+        with zipfile.ZipFile(path) as archive:
+            return [(name.split("/", 1)[1], archive.read(name)) for name in archive.namelist()]
+
+    ours, theirs = records(tmp_path / "ours.ckpt"), records(tmp_path / "theirs.ckpt")
+    assert [name for name, _ in ours] == [name for name, _ in theirs]
+    small = (".format_version", ".storage_alignment", "byteorder", "version", "data/0")
+    assert [r for r in ours if r[0] in small] == [r for r in theirs if r[0] in small]
+
+
+def test_read_only_arrays_become_tensors_without_a_warning():
+    array = np.arange(4, dtype=np.float32)
+    array.flags.writeable = False  # as np.frombuffer or an mmap gives them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when handed memory it may not write
+        tensor = torch_io.numpy_to_tensor(array)
+    np.testing.assert_array_equal(tensor.numpy(), array)
+
+
+def test_a_lazy_view_of_a_file_tensor_knows_its_shape_and_dtype_and_reads_it(tmp_path):
+    array = np.arange(6, dtype=np.float16).reshape(3, 2)
+    torch_io.save_state_dict({"w": array}, str(tmp_path / "w.safetensors"))
+    lazy = torch_io.open_state_dict(str(tmp_path / "w.safetensors")).lazy("w")
+    assert lazy.shape == (3, 2) and lazy.dtype == np.float16
+    np.testing.assert_array_equal(lazy.load(), array)
