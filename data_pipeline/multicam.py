@@ -119,15 +119,17 @@ def write_extrinsics(path: str, paths: dict[int, np.ndarray]) -> None:
 def read_focal_lengths(scene: Scene, num_frames: int) -> np.ndarray:
     """Focal lengths (cameras, frames) in mm: the folder's lens, or a camera's curve from `focal_lengths.json`."""
     focal = np.full((NUM_CAMERAS, num_frames), scene.focal_length_mm)
-    if storage.exists(scene.focal_path):
-        for camera, curve in read_focal_curves(scene.focal_path, num_frames).items():
-            focal[camera - 1] = curve
+    for camera, curve in read_focal_curves(scene.focal_path, num_frames).items():
+        focal[camera - 1] = curve
     return focal
 
 
 def read_focal_curves(path: str, num_frames: int) -> dict[int, np.ndarray]:
-    """The curves (frames,) in mm of a `focal_lengths.json` by camera number; SceneError naming the file."""
+    """The curves (frames,) in mm of a `focal_lengths.json` by camera number (none when there is no such
+    file: every camera keeps its lens); SceneError naming the file."""
     curves = {}
+    if not storage.exists(path):
+        return curves
     try:
         with storage.open(path, encoding="utf-8") as f:
             raw = json.load(f)

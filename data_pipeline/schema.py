@@ -25,9 +25,10 @@ A shard holds whole scenes; each scene is 1 + 10 consecutive records:
 One record per camera (not per scene) because an example uses 2 of the 10 cameras: it reads the
 two camera records and the scene's text record, about 1.0x the bytes it uses (a whole-scene record
 would read 5x). An example is captioned with its target camera's caption, as the official training
-(`data_tgt['prompt_emb']`); a scene captioned once stores that text once. Decoding checks every key, type and shape against the manifest's `Shapes` before
-touching the payload, so a corrupt or hostile record is rejected with its shard and index; arrays
-holding NaN or inf are refused both when a record is written and when it is read.
+(`data_tgt['prompt_emb']`); a scene captioned once stores that text once. Decoding checks every key,
+type and shape against the manifest's `Shapes` before touching the payload, so a corrupt or hostile
+record is rejected with its shard and index; arrays holding NaN or inf are refused both when a
+record is written and when it is read.
 """
 
 from __future__ import annotations

@@ -229,8 +229,7 @@ def target_focal_lengths(trajectory: str, camera: int, frames: int, source_focal
     if not _is_file(trajectory):
         return focal_lengths(trajectory, frames, start_mm=source_focal_mm)
     focal_path = storage.join(storage.parent(trajectory), multicam.FOCAL_FILE)
-    curves = multicam.read_focal_curves(focal_path, frames) if storage.exists(focal_path) else {}
-    return curves.get(camera, np.full(frames, float(source_focal_mm)))
+    return multicam.read_focal_curves(focal_path, frames).get(camera, np.full(frames, float(source_focal_mm)))
 
 
 def main(argv=None) -> None:
