@@ -9,8 +9,8 @@ Euler steps over the same shifted σ grid training draws from (`flow.shifted_sig
 for both), classifier-free guidance against a negative caption, as the official inference does.
 The camera input follows the official inference: the target trajectory relative to its own
 first frame (the source camera is taken to start there); the lens input (read by the intrinsics and
-plucker camera encodings) is the trajectory's target lens and `--source_focal_mm`. Each step is one jitted call (both
-guidance branches), stepped from Python under a progress bar. Defaults fit the official size on
+plucker camera encodings) is the trajectory's target lens and `--source_focal_mm`. Each step is one
+jitted call (both guidance branches), stepped from Python under a progress bar. Defaults fit the official size on
 one device: splash attention on TPU, cuDNN on GPU, the key-chunked XLA path elsewhere; `--attention
 xla` (the whole score matrix) is refused when it cannot fit. `--batch` renders every row of a CSV
 (video, caption, trajectory[, camera]) and a grid of [source | render] rows. See docs/sampling.md.
