@@ -1,17 +1,12 @@
 """The rectified-flow objective: schedule, weighting, conditioning branches, target-half loss."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from recam_jax import flow
-
-OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peers",
-                        "recammaster")
+from tests import peers
 
 
 def test_shifted_grid_matches_the_official_formula():
@@ -49,13 +44,11 @@ def test_bsmntw_weights_average_one_over_the_whole_grid_and_ignore_the_batch():
 
 def test_bsmntw_weights_equal_the_official_schedulers_on_its_grid():
     """DiffSynth's FlowMatchScheduler as ReCamMaster trains with it (shift 5, σ_min 0, extra step)."""
-    source = os.path.join(OFFICIAL, "diffsynth", "schedulers", "flow_match.py")
-    if not os.path.exists(source):
-        pytest.skip(f"the official ReCamMaster source is not at {OFFICIAL} (../shared/peers is optional)")
-    spec = importlib.util.spec_from_file_location("official_flow_match", source)
-    official = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(official)
-    scheduler = official.FlowMatchScheduler(shift=5, sigma_min=0.0, extra_one_step=True)
+    try:
+        with peers.official_modules(peers.FLOW_MATCH) as (official,):
+            scheduler = official.FlowMatchScheduler(shift=5, sigma_min=0.0, extra_one_step=True)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
     scheduler.set_timesteps(1000, training=True)
     ours = flow.loss_weight(jnp.asarray(scheduler.sigmas.numpy()), flow.FlowConfig(shift=5.0, loss_weighting="bsmntw"))
     np.testing.assert_allclose(ours, scheduler.linear_timesteps_weights.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,44 +1,26 @@
 """Our DiT and our .ckpt export against the official ReCamMaster model: DiffSynth's `WanModel` with the
 camera modules `train_recammaster.py` adds to every block, built from ../shared/peers at test time."""
 
-import importlib.util
-import os
-import sys
-import types
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from recam_jax import convert
+from tests import peers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFFICIAL = os.path.join(REPO, "..", "shared", "peers", "recammaster")
 DIM, HEADS, FFN, TEXT_DIM, FREQ_DIM, LAYERS = 48, 2, 72, 20, 32, 2  # head_dim 24: RoPE parts 8/8/8
 GRID = (30, 52)  # the official block hard-codes this latent token grid (480x832 video)
 
 
 @pytest.fixture(scope="module")
 def wan_video_dit():
-    """diffsynth/models/wan_video_dit.py, loaded by path under a private package name with a stub `.utils`."""
-    source = os.path.join(OFFICIAL, "diffsynth", "models", "wan_video_dit.py")
-    if not os.path.exists(source):
-        pytest.skip(f"the official ReCamMaster source is not at {OFFICIAL} (../shared/peers is optional)")
-    package = types.ModuleType("official_recammaster")
-    package.__path__ = []
-    utils = types.ModuleType("official_recammaster.utils")
-    utils.hash_state_dict_keys = lambda state_dict: None  # used only by its key-hash config lookup
-    spec = importlib.util.spec_from_file_location("official_recammaster.wan_video_dit", source)
-    module = importlib.util.module_from_spec(spec)
-    added = {"official_recammaster": package, "official_recammaster.utils": utils, spec.name: module}
-    sys.modules.update(added)
+    """diffsynth/models/wan_video_dit.py, loaded by path (tests/peers.py)."""
     try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+        with peers.official_modules(peers.WAN_VIDEO_DIT) as (module,):
+            yield module
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
 
 
 def official_recammaster(wan_video_dit, seed):

@@ -15,6 +15,7 @@ from recam_jax import compile as planner
 from recam_jax import convert, flow, sample, trajectory
 from recam_jax.models import camera_encoding
 from recam_jax.models.dit import WanDiT, dit_config
+from tests import peers
 from tests.test_attention import tpu_topology
 from tests.test_camera_encoding import model as tiny_model
 from tests.test_camera_encoding import randomize
@@ -210,7 +211,7 @@ def test_the_timestep_dtype_comes_from_the_weights_record_unless_asked(tmp_path)
 
 
 def test_the_default_negative_caption_is_the_official_inference_s():
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers", "recammaster", "inference_recammaster.py")
+    script = os.path.join(peers.RECAMMASTER, "inference_recammaster.py")
     if not os.path.exists(script):
         pytest.skip(f"the official ReCamMaster source is not at {script} (../shared/peers is optional)")
     with open(script, encoding="utf-8") as f:
