@@ -175,6 +175,16 @@ def test_chunked_matches_reference_without_the_whole_score_matrix(q_len, kv_len,
     assert max(relative_errors(step(q, k, v), loss_and_grads("xla", cross)(q, k, v))) <= TOLERANCE
 
 
+def test_chunked_gradient_recomputes_its_tiles_instead_of_keeping_them():
+    """Differentiating the chunk loop must not keep every logits tile (together the whole score
+    matrix, stacked by the loop): the compiled gradient's temporaries stay well below its size."""
+    length = 8192
+    q = jax.ShapeDtypeStruct((1, length, 1, 64), jnp.float32)
+    grads = jax.grad(lambda q, k, v: attn.chunked_attention(q, k, v).sum(), argnums=(0, 1, 2))
+    temporaries = jax.jit(grads).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+    assert temporaries < 0.6 * length * length * 4  # kept tiles: > 2× the f32 scores
+
+
 # Ops that do work a transfer can hide under, in a scheduled TPU HLO (a `while` is a loop of them).
 COMPUTE_OPS = {"fusion", "convolution", "custom-call", "while", "dot"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\((.*)$")

@@ -160,7 +160,9 @@ def _online_softmax(q, k, v, kv_start, kv_len, chunk, carry):
             "bhqk,bkhd->bhqd", probs.astype(v.dtype), _chunk(v, c, chunk), preferred_element_type=jnp.float32)
         return out, new_max, row_sum * correction + probs.sum(-1)
 
-    return jax.lax.fori_loop(0, k.shape[1] // chunk, add_chunk, carry)
+    # Differentiated (chunked attention), the loop keeps only each step's carry and recomputes its
+    # logits tile in the backward pass, instead of keeping every tile: the whole score matrix.
+    return jax.lax.fori_loop(0, k.shape[1] // chunk, jax.checkpoint(add_chunk), carry)
 
 
 def _softmax_start(q):
