@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -578,15 +577,25 @@ def _orbax_record(path: str) -> dict:
     return record
 
 
-def stored_param_shapes(params_dir: str) -> dict[tuple, jax.ShapeDtypeStruct]:
-    """The shape and dtype of every param an orbax folder of an `nnx.State` holds, by Flax path:
-    ("blocks", 0, "self_attn", ...) or, for blocks stacked on a `layers` axis, ("blocks", "self_attn", ...)."""
+def _saved_tree(params_dir: str):
+    """orbax's metadata of the tree saved in an orbax folder: a leaf per array, and the zarr version."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        leaves = jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)
-    return {tuple(int(k) if k.isdigit() else k for k in m.name.removesuffix(".value").split(".")):
-            jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for m in leaves}
+        return checkpointer.metadata(params_dir).item_metadata
+
+
+def _flax_path(array_name: str) -> tuple:
+    """The Flax path of an array saved from an `nnx.State`: "blocks.0.self_attn.q.kernel.value" →
+    ("blocks", 0, "self_attn", "q", "kernel")."""
+    return tuple(int(k) if k.isdigit() else k for k in array_name.removesuffix(".value").split("."))
+
+
+def stored_param_shapes(params_dir: str) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """The shape and dtype of every param an orbax folder of an `nnx.State` holds, by Flax path:
+    ("blocks", 0, "self_attn", ...) or, for blocks stacked on a `layers` axis, ("blocks", "self_attn", ...)."""
+    return {_flax_path(m.name): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+            for m in jax.tree.leaves(_saved_tree(params_dir).tree)}
 
 
 def _is_scanned(stored: Mapping[tuple, jax.ShapeDtypeStruct]) -> bool:
@@ -611,54 +620,48 @@ def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool) -> WanDiT:
     return with_block_layout(model, cfg.scan_layers)
 
 
-def _restore_params(params_dir: str, wanted: Mapping[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, np.ndarray]:
-    """Only the `wanted` params of an orbax folder (Flax path → shape and stored dtype), as numpy arrays."""
-    import orbax.checkpoint as ocp
+def _stored_array_reader(params_dir: str):
+    """`read(path, index)`: the slice `index` of the param at a Flax path of an orbax folder, as a numpy
+    array in its stored dtype, read alone.
 
-    item = {}
-    for path, struct in wanted.items():  # the saved tree: nested dicts, each param under "value"
-        node = item
-        for key in path:
-            node = node.setdefault(key, {})
-        node["value"] = np.empty(struct.shape, struct.dtype)  # numpy targets: numpy arrays, pages touched by the read
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    out = {}
-    for path in wanted:
-        node = restored
-        for key in path:
-            node = node[key]
-        out[path] = node["value"]
-    return out
+    orbax restores whole arrays; its storage layer, tensorstore, reads a slice, and orbax builds the
+    tensorstore spec of each array. tensorstore reads and decodes the chunks that hold the slice: an
+    array saved from one device is one chunk, so each block's row of a stacked weight decodes the
+    whole stacked weight once more, and memory holds one stacked weight at a time instead of them all."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+    from etils import epath
+
+    saved, directory = _saved_tree(params_dir), epath.Path(params_dir)
+    names = {_flax_path(m.name): m.name for m in jax.tree.leaves(saved.tree)}
+    ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)  # one for all reads: OCDBT caches shared
+
+    def read(path: tuple, index: tuple = ()) -> np.ndarray:
+        info = ocp.type_handlers.ParamInfo(name=names[path], parent_dir=directory, is_ocdbt_checkpoint=ocdbt,
+                                           use_zarr3=saved.use_zarr3, ts_context=context)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        return ts.open(spec, context=context).result()[index].read().result()
+
+    return read
 
 
 def orbax_tensors(path: str, cfg: DiTConfig) -> dict[str, LazyTensor]:
     """The params of a recam_jax orbax folder by official name, in PyTorch layout and the dtypes they
-    were stored in, restored one group at a time when loaded in order (a block, or a top-level module
-    such as the head; the last group is kept while its tensors are read). A folder saved from a scanned
-    model holds every block in one stacked array per weight, so its blocks are restored together."""
+    were stored in, each read when loaded, alone: a block's tensor in a folder saved from a scanned
+    model is its row of the stacked array (`_stored_array_reader`)."""
     params_dir = storage.join(path, "params")
     stored = stored_param_shapes(params_dir)
-    scanned = _is_scanned(stored)
+    scanned, read = _is_scanned(stored), _stored_array_reader(params_dir)
 
-    def stored_path(w: Weight) -> tuple:  # ("blocks", n, ...) → ("blocks", ...) for stacked blocks
-        return ("blocks", *w.path[2:]) if scanned and w.path[0] == "blocks" else w.path
-
-    def group(flax_path: tuple) -> tuple:
-        return flax_path[:2] if flax_path[0] == "blocks" and not scanned else flax_path[:1]
-
-    @functools.lru_cache(maxsize=1)
-    def restore_group(key: tuple) -> dict[tuple, np.ndarray]:
-        return _restore_params(params_dir, {p: struct for p, struct in stored.items() if group(p) == key})
-
-    def load(w: Weight) -> np.ndarray:
-        array = restore_group(group(stored_path(w)))[stored_path(w)]
-        return to_torch_layout(array if stored_path(w) == w.path else array[w.path[1]], w.kind)
+    def where(w: Weight) -> tuple[tuple, tuple]:  # the stored array holding w, and w's index in it
+        if scanned and w.path[0] == "blocks":  # ("blocks", n, ...) is row n of ("blocks", ...)
+            return ("blocks", *w.path[2:]), (w.path[1],)
+        return w.path, ()
 
     _, flat = _param_state(abstract_model(_per_block(cfg)))
-    return {w.wan: LazyTensor(_torch_shape(flat[w.path].shape, w.kind), np.dtype(stored[stored_path(w)].dtype),
-                              lambda w=w: load(w)) for w in weight_table(cfg)}
+    return {w.wan: LazyTensor(_torch_shape(flat[w.path].shape, w.kind), np.dtype(stored[where(w)[0]].dtype),
+                              lambda w=w: to_torch_layout(read(*where(w)), w.kind)) for w in weight_table(cfg)}
 
 
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
@@ -684,8 +687,8 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     """Any supported format to any other, one tensor at a time where the formats allow, keeping each
     tensor's dtype (unless `dtype`) and carrying the model record over.
 
-    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are restored
-    one block at a time (`orbax_tensors`); to orbax they are handed to orbax as views of the mapped
+    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
+    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are handed to orbax as views of the mapped
     input, which it writes without copying them (`_save_orbax_tensors`). A cast (`dtype`) to orbax
     holds the cast copies."""
     if _is_torch_path(source):

@@ -203,22 +203,39 @@ def test_orbax_params_load_into_either_block_layout(tmp_path, saved_scanned):
         assert_bit_exact(model, convert.with_block_layout(loaded, saved_scanned))
 
 
-def test_orbax_folders_convert_one_block_at_a_time(tmp_path, monkeypatch):
-    """Conversion from orbax restored the whole tree at once (1.53× the file in RAM): every restore
-    now asks for one block or one top-level module, and each of them once."""
-    model = trained_tiny_model(scan_layers=False)
+@pytest.mark.parametrize("saved_scanned", [True, False])
+def test_orbax_folders_convert_one_tensor_at_a_time(tmp_path, monkeypatch, saved_scanned):
+    """A folder saved from a scanned model was restored with all its blocks together (each stacked
+    array whole): every read is now one tensor, of one block's shape where the blocks are stacked,
+    and each tensor is read once (in either layout)."""
+    model = trained_tiny_model(scan_layers=saved_scanned)
     convert.save_orbax(model, str(tmp_path / "params"))
-    restored_groups, restore = [], convert._restore_params
+    read_shapes, reader = [], convert._stored_array_reader
 
-    def spy(params_dir, wanted):
-        restored_groups.append({path[:2] if path[0] == "blocks" else path[:1] for path in wanted})
-        return restore(params_dir, wanted)
+    def spy(params_dir):
+        read = reader(params_dir)
 
-    monkeypatch.setattr(convert, "_restore_params", spy)
+        def recorded(*where):
+            array = read(*where)
+            read_shapes.append(array.shape)
+            return array
+        return recorded
+
+    monkeypatch.setattr(convert, "_stored_array_reader", spy)
     convert.main([str(tmp_path / "params"), str(tmp_path / "out.ckpt")])
-    assert all(len(groups) == 1 for groups in restored_groups)
-    assert len(restored_groups) == len(set().union(*restored_groups)) == model.cfg.num_layers + 5
-    assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+    per_block = convert.with_block_layout(model, scan_layers=False)
+    assert sorted(read_shapes) == sorted(array.shape for array in params_of(per_block).values())
+    assert_bit_exact(per_block, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+
+
+def test_a_scanned_orbax_folder_converts_to_the_same_file_as_a_per_block_one(tmp_path):
+    model = trained_tiny_model(scan_layers=True)
+    for name, scan_layers in (("scanned", True), ("per_block", False)):
+        convert.save_orbax(convert.with_block_layout(model, scan_layers), str(tmp_path / name))
+        convert.main([str(tmp_path / name), str(tmp_path / f"{name}.safetensors")])
+    scanned, per_block = (torch_io.open_state_dict(str(tmp_path / f"{name}.safetensors")) for name in ("scanned", "per_block"))
+    assert list(scanned) == list(per_block)
+    assert all(scanned.dtypes[k] == per_block.dtypes[k] and np.array_equal(scanned[k], per_block[k]) for k in per_block)
 
 
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
