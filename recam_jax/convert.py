@@ -684,13 +684,12 @@ def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = No
 
 
 def convert(source: str, target: str, num_heads: int | None = None, dtype=None) -> None:
-    """Any supported format to any other, one tensor at a time where the formats allow, keeping each
-    tensor's dtype (unless `dtype`) and carrying the model record over.
+    """Any supported format to any other, one tensor at a time, keeping each tensor's dtype (unless
+    `dtype`) and carrying the model record over.
 
     PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
-    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are handed to orbax as views of the mapped
-    input, which it writes without copying them (`_save_orbax_tensors`). A cast (`dtype`) to orbax
-    holds the cast copies."""
+    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax each tensor
+    is loaded (and cast) when its turn comes and written before the next (`_save_orbax_tensors`)."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
@@ -710,22 +709,49 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
 ORBAX_DATA_FILE_BYTES = 4 * 2**20  # measured in benchmarks/convert_memory.py: larger files cost more memory
 
 
-def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
-    """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format.
+def _lazy_tensor_handler():
+    """orbax's numpy array handler for `LazyTensor` leaves, loading each when its turn comes and
+    writing it before the next is loaded: orbax hands a handler all its leaves at once and writes
+    them together, so arrays made for the save (cast copies) would all be held until its end.
 
-    orbax holds the whole tree; to add little to the (mapped) input it is told not to copy host
-    arrays before writing them (the save is synchronous: nothing changes them meanwhile) and to
-    write small data files (OCDBT keeps the files being written in memory)."""
+    A write is the numpy handler's own (`_background_serialize`, not public: orbax is pinned below
+    0.13), without its copy of the array. Each write is committed by itself, so the OCDBT driver gets
+    no B-tree node cache: orbax's (up to 100 MB) would keep the nodes of every commit (+45 MB in
+    benchmarks/convert_memory.py)."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    class LazyTensorHandler(ocp.type_handlers.NumpyHandler):
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}},  # orbax's, less the cache
+                                 ocp.type_handlers.get_ts_context(use_ocdbt=False))
+
+            async def in_turn():
+                for value, info, arg in zip(values, infos, args):
+                    info.ts_context = context  # in place of the one orbax made for this save
+                    await self._background_serialize([value.load()], [info], [arg])
+            return [ocp.future.CommitFutureAwaitingContractedSignals(in_turn(), name="lazy_tensor_handler")]
+
+    return LazyTensorHandler()
+
+
+def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
+    """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format, loaded
+    and written one at a time (`_lazy_tensor_handler`), in small data files (OCDBT keeps the files
+    being written in memory)."""
     import orbax.checkpoint as ocp
 
     path = storage.absolute(path)
     state, flat = _param_state(abstract_model(_per_block(cfg)))  # read back in either layout (`_restore_orbax`)
     for w in weight_table(cfg):
-        flat[w.path].set_value(to_flax_layout(tensors[w.wan].load(), w.kind))
-    no_copies = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        tensor = tensors[w.wan]
+        flat[w.path].set_value(LazyTensor(flat[w.path].shape, tensor.dtype,
+                                          lambda t=tensor, w=w: to_flax_layout(t.load(), w.kind)))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyTensor, _lazy_tensor_handler()),
         (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; orbax warns without one
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=no_copies)) as checkpointer:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
         checkpointer.save(storage.join(path, "params"),
                           args=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=ORBAX_DATA_FILE_BYTES))
     _write_record(model_record(cfg, shift), storage.join(path, RECORD_FILE))

@@ -238,6 +238,39 @@ def test_a_scanned_orbax_folder_converts_to_the_same_file_as_a_per_block_one(tmp
     assert all(scanned.dtypes[k] == per_block.dtypes[k] and np.array_equal(scanned[k], per_block[k]) for k in per_block)
 
 
+def test_orbax_folders_are_written_one_tensor_at_a_time(tmp_path):
+    """A cast into orbax held every cast copy until the save ended: each tensor is now loaded when
+    its turn comes and written before the next is loaded (counted by weakref finalizers)."""
+    model = trained_tiny_model()
+    alive, most = [0], [0]
+
+    def tracked(array):
+        def load():
+            copy = array.copy()
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(copy, lambda: alive.__setitem__(0, alive[0] - 1))
+            return copy
+        return torch_io.LazyTensor(array.shape, array.dtype, load)
+
+    tensors = {name: tracked(array) for name, array in convert.export_weights(model).items()}
+    convert._save_orbax_tensors(tensors, model.cfg, str(tmp_path / "params"), shift=None)
+    assert most[0] <= 2
+    assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
+
+
+@pytest.mark.parametrize("source_dtype,dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_a_cast_into_orbax_gives_the_tensors_of_a_cast_into_a_file(tmp_path, source_dtype, dtype):
+    source = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(trained_tiny_model(), source, dtype=source_dtype)
+    convert.main([source, str(tmp_path / "params"), "--dtype", dtype])
+    convert.main([source, str(tmp_path / "cast.ckpt"), "--dtype", dtype])
+    convert.main([str(tmp_path / "params"), str(tmp_path / "back.ckpt")])
+    cast, back = (torch_io.open_state_dict(str(tmp_path / name)) for name in ("cast.ckpt", "back.ckpt"))
+    assert set(back.dtypes.values()) == {np.dtype(jnp.dtype(dtype))}
+    assert list(back) == list(cast) and all(np.array_equal(back[k], cast[k]) for k in cast)
+
+
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
     state = convert.export_weights(trained_tiny_model())
     del state["blocks.1.self_attn.q.weight"], state["blocks.1.ffn.0.bias"]
