@@ -6,7 +6,9 @@ Writes a random bf16 ReCamMaster `.ckpt` (a few hundred MB) and the same weights
 saved from a scanned model (blocks stacked on a `layers` axis), then runs each conversion in its own
 subprocess and prints a table: the input and output sizes, the process's RSS after its imports, its
 peak RSS (VmHWM: the mapped input counts once it is read), the peak above the imports as a
-multiple of the larger of the two files, and the subprocess's wall time (imports included).
+multiple of the larger of the two files, and the subprocess's wall time (imports included);
+with `--repeat N` each conversion runs N times and the table gives the range (threads make the
+peaks vary by a few tens of MB).
 `--code DIR` runs the conversions with another checkout's `recam_jax` (e.g. an older commit from
 `git worktree add`) on the same files, for a before/after.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,11 +87,18 @@ def run(code: str, args: list[str]) -> tuple[int, int, float]:
     return int(imported), int(peak), time.perf_counter() - start
 
 
+def span(values, form: str) -> str:
+    """"low–high" of the runs' values (one value when they agree)."""
+    low, high = form.format(min(values)), form.format(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--code", default=REPO, help="checkout whose recam_jax converts (default: this one)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each conversion (the table gives the range)")
     args = parser.parse_args()
     heads = ["--num-heads", str(args.dim // 128)]  # spelled as every version of the CLI accepts it
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,10 +121,15 @@ def main() -> None:
         print("| conversion | input MB | output MB | RSS after imports MB | peak RSS MB | (peak − imports) / larger file | wall s |")
         print("|---|---|---|---|---|---|---|")
         for name, source, target, flags in steps:
-            imported, peak, seconds = run(args.code, [source, target, *heads, *flags])
+            runs = []
+            for _ in range(args.repeat):
+                shutil.rmtree(target, ignore_errors=True)  # each run writes a new folder (files are overwritten)
+                runs.append(run(args.code, [source, target, *heads, *flags]))
+            imported, peak, seconds = zip(*runs)
             larger = max(size_mb(source), size_mb(target))
-            print(f"| {name} | {size_mb(source):.0f} | {size_mb(target):.0f} | {imported} | {peak} | "
-                  f"{(peak - imported) / larger:.2f}× | {seconds:.1f} |", flush=True)
+            ratios = [(p - i) / larger for i, p in zip(imported, peak)]
+            print(f"| {name} | {size_mb(source):.0f} | {size_mb(target):.0f} | {span(imported, '{}')} | "
+                  f"{span(peak, '{}')} | {span(ratios, '{:.2f}×')} | {span(seconds, '{:.1f}')} |", flush=True)
 
 
 if __name__ == "__main__":

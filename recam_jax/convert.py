@@ -688,8 +688,8 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     `dtype`) and carrying the model record over.
 
     PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
-    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax each tensor
-    is loaded (and cast) when its turn comes and written before the next (`_save_orbax_tensors`)."""
+    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are
+    loaded (and cast) up to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
@@ -707,17 +707,33 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
 
 
 ORBAX_DATA_FILE_BYTES = 4 * 2**20  # measured in benchmarks/convert_memory.py: larger files cost more memory
+# Tensors written to orbax together, one OCDBT commit per batch: a commit per tensor doubled the time
+# of ckpt → orbax, and a larger batch holds more cast copies (benchmarks/convert_memory.py).
+ORBAX_WRITE_BATCH_BYTES = 64 * 2**20
+
+
+def _batches(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes add up to at most `budget` (a larger
+    size alone)."""
+    batches, total = [], 0
+    for i, size in enumerate(sizes):
+        if not batches or total + size > budget:
+            batches.append([])
+            total = 0
+        batches[-1].append(i)
+        total += size
+    return batches
 
 
 def _lazy_tensor_handler():
-    """orbax's numpy array handler for `LazyTensor` leaves, loading each when its turn comes and
-    writing it before the next is loaded: orbax hands a handler all its leaves at once and writes
-    them together, so arrays made for the save (cast copies) would all be held until its end.
+    """orbax's numpy array handler for `LazyTensor` leaves, loading them a batch at a time
+    (`ORBAX_WRITE_BATCH_BYTES`) and writing each batch before the next is loaded: orbax hands a
+    handler all its leaves at once and writes them together, so arrays made for the save (cast
+    copies) would all be held until its end.
 
     A write is the numpy handler's own (`_background_serialize`, not public: orbax is pinned below
-    0.13), without its copy of the array. Each write is committed by itself, so the OCDBT driver gets
-    no B-tree node cache: orbax's (up to 100 MB) would keep the nodes of every commit (+45 MB in
-    benchmarks/convert_memory.py)."""
+    0.13), without its copy of the arrays. Each batch is committed by itself, so the OCDBT driver
+    gets no B-tree node cache: orbax's (up to 100 MB) keeps the nodes of every commit."""
     import orbax.checkpoint as ocp
     import tensorstore as ts
 
@@ -726,20 +742,23 @@ def _lazy_tensor_handler():
             args = args or [ocp.SaveArgs()] * len(values)
             context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}},  # orbax's, less the cache
                                  ocp.type_handlers.get_ts_context(use_ocdbt=False))
+            for info in infos:
+                info.ts_context = context  # in place of the one orbax made for this save
+            sizes = [int(np.prod(value.shape)) * value.dtype.itemsize for value in values]
 
-            async def in_turn():
-                for value, info, arg in zip(values, infos, args):
-                    info.ts_context = context  # in place of the one orbax made for this save
-                    await self._background_serialize([value.load()], [info], [arg])
-            return [ocp.future.CommitFutureAwaitingContractedSignals(in_turn(), name="lazy_tensor_handler")]
+            async def in_batches():
+                for batch in _batches(sizes, ORBAX_WRITE_BATCH_BYTES):
+                    await self._background_serialize([values[i].load() for i in batch], [infos[i] for i in batch],
+                                                     [args[i] for i in batch])
+            return [ocp.future.CommitFutureAwaitingContractedSignals(in_batches(), name="lazy_tensor_handler")]
 
     return LazyTensorHandler()
 
 
 def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
     """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format, loaded
-    and written one at a time (`_lazy_tensor_handler`), in small data files (OCDBT keeps the files
-    being written in memory)."""
+    and written a batch at a time (`_lazy_tensor_handler`), in small data files (OCDBT keeps the
+    files being written in memory)."""
     import orbax.checkpoint as ocp
 
     path = storage.absolute(path)

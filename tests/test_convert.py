@@ -238,25 +238,33 @@ def test_a_scanned_orbax_folder_converts_to_the_same_file_as_a_per_block_one(tmp
     assert all(scanned.dtypes[k] == per_block.dtypes[k] and np.array_equal(scanned[k], per_block[k]) for k in per_block)
 
 
-def test_orbax_folders_are_written_one_tensor_at_a_time(tmp_path):
-    """A cast into orbax held every cast copy until the save ended: each tensor is now loaded when
-    its turn comes and written before the next is loaded (counted by weakref finalizers)."""
+def test_orbax_folders_are_written_a_batch_of_tensors_at_a_time(tmp_path, monkeypatch):
+    """A cast into orbax held every cast copy until the save ended: tensors are now loaded a batch
+    at a time, each batch written before the next is loaded (loaded bytes counted by weakref finalizers)."""
     model = trained_tiny_model()
+    monkeypatch.setattr(convert, "ORBAX_WRITE_BATCH_BYTES", 64 * 64 * 4, raising=False)  # one 64×64 fp32 tensor
     alive, most = [0], [0]
 
     def tracked(array):
         def load():
             copy = array.copy()
-            alive[0] += 1
+            alive[0] += copy.nbytes
             most[0] = max(most[0], alive[0])
-            weakref.finalize(copy, lambda: alive.__setitem__(0, alive[0] - 1))
+            weakref.finalize(copy, lambda n=copy.nbytes: alive.__setitem__(0, alive[0] - n))
             return copy
         return torch_io.LazyTensor(array.shape, array.dtype, load)
 
-    tensors = {name: tracked(array) for name, array in convert.export_weights(model).items()}
-    convert._save_orbax_tensors(tensors, model.cfg, str(tmp_path / "params"), shift=None)
-    assert most[0] <= 2
+    state = convert.export_weights(model)
+    convert._save_orbax_tensors({name: tracked(array) for name, array in state.items()}, model.cfg,
+                                str(tmp_path / "params"), shift=None)
+    assert most[0] <= max(convert.ORBAX_WRITE_BATCH_BYTES, *(array.nbytes for array in state.values()))
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
+
+
+def test_batches_are_consecutive_and_within_the_budget_but_for_a_larger_size_alone():
+    assert convert._batches([3, 3, 5, 1, 1], 6) == [[0, 1], [2, 3], [4]]
+    assert convert._batches([1, 10, 1], 6) == [[0], [1], [2]]
+    assert convert._batches([], 6) == []
 
 
 @pytest.mark.parametrize("source_dtype,dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
