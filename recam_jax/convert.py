@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -578,15 +577,25 @@ def _orbax_record(path: str) -> dict:
     return record
 
 
-def stored_param_shapes(params_dir: str) -> dict[tuple, jax.ShapeDtypeStruct]:
-    """The shape and dtype of every param an orbax folder of an `nnx.State` holds, by Flax path:
-    ("blocks", 0, "self_attn", ...) or, for blocks stacked on a `layers` axis, ("blocks", "self_attn", ...)."""
+def _saved_tree(params_dir: str):
+    """orbax's metadata of the tree saved in an orbax folder: a leaf per array, and the zarr version."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        leaves = jax.tree.leaves(checkpointer.metadata(params_dir).item_metadata.tree)
-    return {tuple(int(k) if k.isdigit() else k for k in m.name.removesuffix(".value").split(".")):
-            jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for m in leaves}
+        return checkpointer.metadata(params_dir).item_metadata
+
+
+def _flax_path(array_name: str) -> tuple:
+    """The Flax path of an array saved from an `nnx.State`: "blocks.0.self_attn.q.kernel.value" →
+    ("blocks", 0, "self_attn", "q", "kernel")."""
+    return tuple(int(k) if k.isdigit() else k for k in array_name.removesuffix(".value").split("."))
+
+
+def stored_param_shapes(params_dir: str) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """The shape and dtype of every param an orbax folder of an `nnx.State` holds, by Flax path:
+    ("blocks", 0, "self_attn", ...) or, for blocks stacked on a `layers` axis, ("blocks", "self_attn", ...)."""
+    return {_flax_path(m.name): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+            for m in jax.tree.leaves(_saved_tree(params_dir).tree)}
 
 
 def _is_scanned(stored: Mapping[tuple, jax.ShapeDtypeStruct]) -> bool:
@@ -611,54 +620,48 @@ def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool) -> WanDiT:
     return with_block_layout(model, cfg.scan_layers)
 
 
-def _restore_params(params_dir: str, wanted: Mapping[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, np.ndarray]:
-    """Only the `wanted` params of an orbax folder (Flax path → shape and stored dtype), as numpy arrays."""
-    import orbax.checkpoint as ocp
+def _stored_array_reader(params_dir: str):
+    """`read(path, index)`: the slice `index` of the param at a Flax path of an orbax folder, as a numpy
+    array in its stored dtype, read alone.
 
-    item = {}
-    for path, struct in wanted.items():  # the saved tree: nested dicts, each param under "value"
-        node = item
-        for key in path:
-            node = node.setdefault(key, {})
-        node["value"] = np.empty(struct.shape, struct.dtype)  # numpy targets: numpy arrays, pages touched by the read
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    out = {}
-    for path in wanted:
-        node = restored
-        for key in path:
-            node = node[key]
-        out[path] = node["value"]
-    return out
+    orbax restores whole arrays; its storage layer, tensorstore, reads a slice, and orbax builds the
+    tensorstore spec of each array. tensorstore reads and decodes the chunks that hold the slice: an
+    array saved from one device is one chunk, so each block's row of a stacked weight decodes the
+    whole stacked weight once more, and memory holds one stacked weight at a time instead of them all."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+    from etils import epath
+
+    saved, directory = _saved_tree(params_dir), epath.Path(params_dir)
+    names = {_flax_path(m.name): m.name for m in jax.tree.leaves(saved.tree)}
+    ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)  # one for all reads: OCDBT caches shared
+
+    def read(path: tuple, index: tuple = ()) -> np.ndarray:
+        info = ocp.type_handlers.ParamInfo(name=names[path], parent_dir=directory, is_ocdbt_checkpoint=ocdbt,
+                                           use_zarr3=saved.use_zarr3, ts_context=context)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        return ts.open(spec, context=context).result()[index].read().result()
+
+    return read
 
 
 def orbax_tensors(path: str, cfg: DiTConfig) -> dict[str, LazyTensor]:
     """The params of a recam_jax orbax folder by official name, in PyTorch layout and the dtypes they
-    were stored in, restored one group at a time when loaded in order (a block, or a top-level module
-    such as the head; the last group is kept while its tensors are read). A folder saved from a scanned
-    model holds every block in one stacked array per weight, so its blocks are restored together."""
+    were stored in, each read when loaded, alone: a block's tensor in a folder saved from a scanned
+    model is its row of the stacked array (`_stored_array_reader`)."""
     params_dir = storage.join(path, "params")
     stored = stored_param_shapes(params_dir)
-    scanned = _is_scanned(stored)
+    scanned, read = _is_scanned(stored), _stored_array_reader(params_dir)
 
-    def stored_path(w: Weight) -> tuple:  # ("blocks", n, ...) → ("blocks", ...) for stacked blocks
-        return ("blocks", *w.path[2:]) if scanned and w.path[0] == "blocks" else w.path
-
-    def group(flax_path: tuple) -> tuple:
-        return flax_path[:2] if flax_path[0] == "blocks" and not scanned else flax_path[:1]
-
-    @functools.lru_cache(maxsize=1)
-    def restore_group(key: tuple) -> dict[tuple, np.ndarray]:
-        return _restore_params(params_dir, {p: struct for p, struct in stored.items() if group(p) == key})
-
-    def load(w: Weight) -> np.ndarray:
-        array = restore_group(group(stored_path(w)))[stored_path(w)]
-        return to_torch_layout(array if stored_path(w) == w.path else array[w.path[1]], w.kind)
+    def where(w: Weight) -> tuple[tuple, tuple]:  # the stored array holding w, and w's index in it
+        if scanned and w.path[0] == "blocks":  # ("blocks", n, ...) is row n of ("blocks", ...)
+            return ("blocks", *w.path[2:]), (w.path[1],)
+        return w.path, ()
 
     _, flat = _param_state(abstract_model(_per_block(cfg)))
-    return {w.wan: LazyTensor(_torch_shape(flat[w.path].shape, w.kind), np.dtype(stored[stored_path(w)].dtype),
-                              lambda w=w: load(w)) for w in weight_table(cfg)}
+    return {w.wan: LazyTensor(_torch_shape(flat[w.path].shape, w.kind), np.dtype(stored[where(w)[0]].dtype),
+                              lambda w=w: to_torch_layout(read(*where(w)), w.kind)) for w in weight_table(cfg)}
 
 
 def load_orbax(path: str, cfg: DiTConfig | None = None, on_host: bool = False, **overrides) -> WanDiT:
@@ -681,13 +684,12 @@ def load_any(path: str, cfg: DiTConfig | None = None, num_heads: int | None = No
 
 
 def convert(source: str, target: str, num_heads: int | None = None, dtype=None) -> None:
-    """Any supported format to any other, one tensor at a time where the formats allow, keeping each
-    tensor's dtype (unless `dtype`) and carrying the model record over.
+    """Any supported format to any other, one tensor at a time, keeping each tensor's dtype (unless
+    `dtype`) and carrying the model record over.
 
-    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are restored
-    one block at a time (`orbax_tensors`); to orbax they are handed to orbax as views of the mapped
-    input, which it writes without copying them (`_save_orbax_tensors`). A cast (`dtype`) to orbax
-    holds the cast copies."""
+    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
+    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are
+    loaded (and cast) up to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
@@ -705,24 +707,70 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
 
 
 ORBAX_DATA_FILE_BYTES = 4 * 2**20  # measured in benchmarks/convert_memory.py: larger files cost more memory
+# Tensors written to orbax together, one OCDBT commit per batch: a commit per tensor doubled the time
+# of ckpt → orbax, and a larger batch holds more cast copies (benchmarks/convert_memory.py).
+ORBAX_WRITE_BATCH_BYTES = 64 * 2**20
+
+
+def _batches(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes add up to at most `budget` (a larger
+    size alone)."""
+    batches, total = [], 0
+    for i, size in enumerate(sizes):
+        if not batches or total + size > budget:
+            batches.append([])
+            total = 0
+        batches[-1].append(i)
+        total += size
+    return batches
+
+
+def _lazy_tensor_handler():
+    """orbax's numpy array handler for `LazyTensor` leaves, loading them a batch at a time
+    (`ORBAX_WRITE_BATCH_BYTES`) and writing each batch before the next is loaded: orbax hands a
+    handler all its leaves at once and writes them together, so arrays made for the save (cast
+    copies) would all be held until its end.
+
+    A write is the numpy handler's own (`_background_serialize`, not public: orbax is pinned below
+    0.13), without its copy of the arrays. Each batch is committed by itself, so the OCDBT driver
+    gets no B-tree node cache: orbax's (up to 100 MB) keeps the nodes of every commit."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    class LazyTensorHandler(ocp.type_handlers.NumpyHandler):
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}},  # orbax's, less the cache
+                                 ocp.type_handlers.get_ts_context(use_ocdbt=False))
+            for info in infos:
+                info.ts_context = context  # in place of the one orbax made for this save
+            sizes = [int(np.prod(value.shape)) * value.dtype.itemsize for value in values]
+
+            async def in_batches():
+                for batch in _batches(sizes, ORBAX_WRITE_BATCH_BYTES):
+                    await self._background_serialize([values[i].load() for i in batch], [infos[i] for i in batch],
+                                                     [args[i] for i in batch])
+            return [ocp.future.CommitFutureAwaitingContractedSignals(in_batches(), name="lazy_tensor_handler")]
+
+    return LazyTensorHandler()
 
 
 def _save_orbax_tensors(tensors: Mapping[str, LazyTensor], cfg: DiTConfig, path: str, shift: float | None) -> None:
-    """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format.
-
-    orbax holds the whole tree; to add little to the (mapped) input it is told not to copy host
-    arrays before writing them (the save is synchronous: nothing changes them meanwhile) and to
-    write small data files (OCDBT keeps the files being written in memory)."""
+    """`save_orbax` of the model holding `tensors`, in their own dtypes, in the same format, loaded
+    and written a batch at a time (`_lazy_tensor_handler`), in small data files (OCDBT keeps the
+    files being written in memory)."""
     import orbax.checkpoint as ocp
 
     path = storage.absolute(path)
     state, flat = _param_state(abstract_model(_per_block(cfg)))  # read back in either layout (`_restore_orbax`)
     for w in weight_table(cfg):
-        flat[w.path].set_value(to_flax_layout(tensors[w.wan].load(), w.kind))
-    no_copies = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        tensor = tensors[w.wan]
+        flat[w.path].set_value(LazyTensor(flat[w.path].shape, tensor.dtype,
+                                          lambda t=tensor, w=w: to_flax_layout(t.load(), w.kind)))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyTensor, _lazy_tensor_handler()),
         (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; orbax warns without one
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=no_copies)) as checkpointer:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
         checkpointer.save(storage.join(path, "params"),
                           args=ocp.args.PyTreeSave(state, ocdbt_target_data_file_size=ORBAX_DATA_FILE_BYTES))
     _write_record(model_record(cfg, shift), storage.join(path, RECORD_FILE))

@@ -203,22 +203,80 @@ def test_orbax_params_load_into_either_block_layout(tmp_path, saved_scanned):
         assert_bit_exact(model, convert.with_block_layout(loaded, saved_scanned))
 
 
-def test_orbax_folders_convert_one_block_at_a_time(tmp_path, monkeypatch):
-    """Conversion from orbax restored the whole tree at once (1.53× the file in RAM): every restore
-    now asks for one block or one top-level module, and each of them once."""
-    model = trained_tiny_model(scan_layers=False)
+@pytest.mark.parametrize("saved_scanned", [True, False])
+def test_orbax_folders_convert_one_tensor_at_a_time(tmp_path, monkeypatch, saved_scanned):
+    """A folder saved from a scanned model was restored with all its blocks together (each stacked
+    array whole): every read is now one tensor, of one block's shape where the blocks are stacked,
+    and each tensor is read once (in either layout)."""
+    model = trained_tiny_model(scan_layers=saved_scanned)
     convert.save_orbax(model, str(tmp_path / "params"))
-    restored_groups, restore = [], convert._restore_params
+    read_shapes, reader = [], convert._stored_array_reader
 
-    def spy(params_dir, wanted):
-        restored_groups.append({path[:2] if path[0] == "blocks" else path[:1] for path in wanted})
-        return restore(params_dir, wanted)
+    def spy(params_dir):
+        read = reader(params_dir)
 
-    monkeypatch.setattr(convert, "_restore_params", spy)
+        def recorded(*where):
+            array = read(*where)
+            read_shapes.append(array.shape)
+            return array
+        return recorded
+
+    monkeypatch.setattr(convert, "_stored_array_reader", spy)
     convert.main([str(tmp_path / "params"), str(tmp_path / "out.ckpt")])
-    assert all(len(groups) == 1 for groups in restored_groups)
-    assert len(restored_groups) == len(set().union(*restored_groups)) == model.cfg.num_layers + 5
-    assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+    per_block = convert.with_block_layout(model, scan_layers=False)
+    assert sorted(read_shapes) == sorted(array.shape for array in params_of(per_block).values())
+    assert_bit_exact(per_block, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+
+
+def test_a_scanned_orbax_folder_converts_to_the_same_file_as_a_per_block_one(tmp_path):
+    model = trained_tiny_model(scan_layers=True)
+    for name, scan_layers in (("scanned", True), ("per_block", False)):
+        convert.save_orbax(convert.with_block_layout(model, scan_layers), str(tmp_path / name))
+        convert.main([str(tmp_path / name), str(tmp_path / f"{name}.safetensors")])
+    scanned, per_block = (torch_io.open_state_dict(str(tmp_path / f"{name}.safetensors")) for name in ("scanned", "per_block"))
+    assert list(scanned) == list(per_block)
+    assert all(scanned.dtypes[k] == per_block.dtypes[k] and np.array_equal(scanned[k], per_block[k]) for k in per_block)
+
+
+def test_orbax_folders_are_written_a_batch_of_tensors_at_a_time(tmp_path, monkeypatch):
+    """A cast into orbax held every cast copy until the save ended: tensors are now loaded a batch
+    at a time, each batch written before the next is loaded (loaded bytes counted by weakref finalizers)."""
+    model = trained_tiny_model()
+    monkeypatch.setattr(convert, "ORBAX_WRITE_BATCH_BYTES", 64 * 64 * 4, raising=False)  # one 64×64 fp32 tensor
+    alive, most = [0], [0]
+
+    def tracked(array):
+        def load():
+            copy = array.copy()
+            alive[0] += copy.nbytes
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(copy, lambda n=copy.nbytes: alive.__setitem__(0, alive[0] - n))
+            return copy
+        return torch_io.LazyTensor(array.shape, array.dtype, load)
+
+    state = convert.export_weights(model)
+    convert._save_orbax_tensors({name: tracked(array) for name, array in state.items()}, model.cfg,
+                                str(tmp_path / "params"), shift=None)
+    assert most[0] <= max(convert.ORBAX_WRITE_BATCH_BYTES, *(array.nbytes for array in state.values()))
+    assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
+
+
+def test_batches_are_consecutive_and_within_the_budget_but_for_a_larger_size_alone():
+    assert convert._batches([3, 3, 5, 1, 1], 6) == [[0, 1], [2, 3], [4]]
+    assert convert._batches([1, 10, 1], 6) == [[0], [1], [2]]
+    assert convert._batches([], 6) == []
+
+
+@pytest.mark.parametrize("source_dtype,dtype", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_a_cast_into_orbax_gives_the_tensors_of_a_cast_into_a_file(tmp_path, source_dtype, dtype):
+    source = str(tmp_path / "m.ckpt")
+    convert.save_pytorch(trained_tiny_model(), source, dtype=source_dtype)
+    convert.main([source, str(tmp_path / "params"), "--dtype", dtype])
+    convert.main([source, str(tmp_path / "cast.ckpt"), "--dtype", dtype])
+    convert.main([str(tmp_path / "params"), str(tmp_path / "back.ckpt")])
+    cast, back = (torch_io.open_state_dict(str(tmp_path / name)) for name in ("cast.ckpt", "back.ckpt"))
+    assert set(back.dtypes.values()) == {np.dtype(jnp.dtype(dtype))}
+    assert list(back) == list(cast) and all(np.array_equal(back[k], cast[k]) for k in cast)
 
 
 def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
