@@ -168,7 +168,7 @@ def test_tiny_dit_forward_backward_compiles_for_a_tpu_topology(attention, sizes,
 @pytest.mark.parametrize("q_len, kv_len, cross", [(13, 13, False), (5, 7, True)])
 def test_chunked_matches_reference_without_the_whole_score_matrix(q_len, kv_len, cross, monkeypatch):
     """4-key chunks: 13 keys span 4 chunks, the last padded and masked; no (q × k) logits tensor in the HLO."""
-    monkeypatch.setattr(attn, "RING_CHUNK", 4)
+    monkeypatch.setattr(attn, "CHUNKED_KEYS", 4)
     q, k, v = qkv(2, q_len, kv_len, heads=2)
     step = jax.jit(loss_and_grads("chunked", cross))
     assert f"tensor<2x2x{q_len}x{kv_len}xf32>" not in step.lower(q, k, v).as_text()

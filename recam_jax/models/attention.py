@@ -29,6 +29,9 @@ TEXT_KV_AXES = ("act_batch", "act_kv_length", "act_heads", "act_kv")
 WHOLE_SEQUENCE_AXES = ("act_batch", None, "act_heads", "act_kv")
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block gives no NaN
 RING_CHUNK = 512  # keys per logits tile of ring attention
+# Keys per logits tile of chunked attention (off TPU and GPU): smaller tiles stay in a CPU's caches;
+# 256 against 512 took our CPU step in `benchmarks/peers.py official` from 6.86 s to 6.07 s.
+CHUNKED_KEYS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +163,7 @@ def _online_softmax(q, k, v, kv_start, kv_len, chunk, carry):
             "bhqk,bkhd->bhqd", probs.astype(v.dtype), _chunk(v, c, chunk), preferred_element_type=jnp.float32)
         return out, new_max, row_sum * correction + probs.sum(-1)
 
-    # Differentiated (chunked attention), the loop keeps only each step's carry and recomputes its
-    # logits tile in the backward pass, instead of keeping every tile: the whole score matrix.
-    return jax.lax.fori_loop(0, k.shape[1] // chunk, jax.checkpoint(add_chunk), carry)
+    return jax.lax.fori_loop(0, k.shape[1] // chunk, add_chunk, carry)
 
 
 def _softmax_start(q):
@@ -179,14 +180,61 @@ def _softmax_end(carry, dtype):
 
 
 def chunked_attention(q, k, v, kv_len=None):
-    """Softmax attention that never holds the whole score matrix: the ring's online softmax on one
-    device, RING_CHUNK keys at a time (memory: one queries × chunk logits tile per head)."""
-    chunk = min(RING_CHUNK, k.shape[1])
+    """Softmax attention that never holds the whole score matrix: the ring's online softmax and
+    flash backward on one device, CHUNKED_KEYS keys at a time (memory: one queries × chunk logits
+    tile per head; the backward recomputes each tile from the saved log-sum-exp)."""
+    chunk = min(CHUNKED_KEYS, k.shape[1])
     padded = _round_up(k.shape[1], chunk)
     if padded != k.shape[1]:
         kv_len = k.shape[1] if kv_len is None else kv_len
         k, v = _pad_length(k, padded), _pad_length(v, padded)
-    return _softmax_end(_online_softmax(q, k, v, 0, kv_len, chunk, _softmax_start(q)), q.dtype)[0]
+    return _flash(q, k, v, kv_len, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, kv_len, chunk):
+    return _flash_fwd(q, k, v, kv_len, chunk)[0]
+
+
+def _flash_fwd(q, k, v, kv_len, chunk):
+    out, lse = _softmax_end(_online_softmax(q, k, v, 0, kv_len, chunk, _softmax_start(q)), q.dtype)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(kv_len, chunk, residuals, d_out):
+    q, k, v, out, lse = residuals
+    d_out, delta = _output_grads(d_out, out)
+    dq, dk, dv = _block_grads(q, k, v, 0, kv_len, chunk, d_out, lse, delta, jnp.zeros(q.shape, jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _output_grads(d_out, out):
+    """The output gradient in float32 and delta = rowsum(dO ∘ O) (batch, heads, queries) of the backward."""
+    d_out = d_out.astype(jnp.float32)
+    return d_out, jnp.einsum("bqhd,bqhd->bhq", d_out, out.astype(jnp.float32))
+
+
+def _block_grads(q, k_blk, v_blk, kv_start, kv_len, chunk, d_out, lse, delta, dq):
+    """Flash-attention backward of queries q against one K/V block (its first key at global position
+    `kv_start`), `chunk` keys at a time: dq plus this block's contribution, and the block's dK, dV."""
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def add_chunk(c, carry):
+        dq, dk, dv = carry
+        k_c, v_c = _chunk(k_blk, c, chunk), _chunk(v_blk, c, chunk)
+        probs = jnp.exp(_logits(q, k_c, kv_start + c * chunk, kv_len) - lse[..., None])
+        d_logits = probs * (f32("bqhd,bkhd->bhqk", d_out, v_c) - delta[..., None]) * q.shape[-1] ** -0.5
+        dk = jax.lax.dynamic_update_slice_in_dim(
+            dk, _chunk(dk, c, chunk) + f32("bhqk,bqhd->bkhd", d_logits, q), c * chunk, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(
+            dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
+        return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
+
+    zeros = tuple(jnp.zeros(t.shape, jnp.float32) for t in (k_blk, v_blk))
+    return jax.lax.fori_loop(0, k_blk.shape[1] // chunk, add_chunk, (dq, *zeros))
 
 
 def _ring_fwd(q, k, v, kv_len, axis, chunk):
@@ -211,27 +259,12 @@ def _ring_bwd(kv_len, axis, chunk, residuals, d_out):
     device's own contribution once that is computed, so both transfers run under compute."""
     q, k, v, out, lse = residuals
     n, me, block = jax.lax.axis_size(axis), jax.lax.axis_index(axis), k.shape[1]
-    d_out = d_out.astype(jnp.float32)
-    delta = jnp.einsum("bqhd,bqhd->bhq", d_out, out.astype(jnp.float32))
-    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-
-    def add_chunk(c, carry, k_blk, v_blk, kv_start):
-        dq, dk, dv = carry
-        k_c, v_c = _chunk(k_blk, c, chunk), _chunk(v_blk, c, chunk)
-        probs = jnp.exp(_logits(q, k_c, kv_start + c * chunk, kv_len) - lse[..., None])
-        d_logits = probs * (f32("bqhd,bkhd->bhqk", d_out, v_c) - delta[..., None]) * q.shape[-1] ** -0.5
-        dk = jax.lax.dynamic_update_slice_in_dim(
-            dk, _chunk(dk, c, chunk) + f32("bhqk,bqhd->bkhd", d_logits, q), c * chunk, axis=1)
-        dv = jax.lax.dynamic_update_slice_in_dim(
-            dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
-        return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
-
+    d_out, delta = _output_grads(d_out, out)
     dq = jnp.zeros(q.shape, jnp.float32)
     kv = (k, v)
     for step in range(n):
         next_kv = _shift(axis, *kv) if step < n - 1 else None
-        body = functools.partial(add_chunk, k_blk=kv[0], v_blk=kv[1], kv_start=((me - step) % n) * block)
-        dq, dk, dv = jax.lax.fori_loop(0, block // chunk, body, (dq, *(jnp.zeros(t.shape, jnp.float32) for t in kv)))
+        dq, dk, dv = _block_grads(q, *kv, ((me - step) % n) * block, kv_len, chunk, d_out, lse, delta, dq)
         if step:  # the earlier steps' gradient of this block, which arrived during this step's compute
             dk, dv = dk + dk_in, dv + dv_in
         dk_in, dv_in = _shift(axis, dk, dv)
