@@ -120,6 +120,37 @@ def test_model_sees_noisy_target_then_source_and_loss_covers_the_target_half_onl
     np.testing.assert_allclose(loss, jnp.mean((eps - x0) ** 2), rtol=1e-4)
 
 
+def test_the_model_gets_the_batchs_text_camera_and_lens_and_the_loss_is_weighted_per_example():
+    """2 target frames on a 4×4 grid (frames ≠ height); text, camera and lens are random, so a
+    dropped or swapped input shows."""
+    batch = {**batch_of(jax.random.key(10), frames=2),
+             "text_embeds": jax.random.normal(jax.random.key(11), (6, 3, 8)),
+             "camera": jax.random.normal(jax.random.key(12), (6, 2, 12))}
+    seen = {}
+
+    def apply_fn(latents, timesteps, text, camera, **lens):
+        seen.update(text=text, camera=camera, lens=lens)
+        return jnp.zeros_like(latents)
+
+    unweighted = flow.FlowConfig(loss_weighting="none")
+    _, aux = flow.flow_loss(apply_fn, keys(13, 6), batch, unweighted)
+    np.testing.assert_array_equal(seen["text"], batch["text_embeds"])
+    np.testing.assert_array_equal(seen["camera"], batch["camera"])
+    assert seen["lens"] == {}
+    assert set(aux) == {"sigma", "task", "per_example"}
+    assert aux["per_example"].shape == aux["task"].shape == (6,)
+    assert len(set(np.asarray(aux["per_example"]).tolist())) == 6  # each example's own mean, not the batch's
+
+    intrinsics = jax.random.normal(jax.random.key(14), (6, 2, 8))
+    bsmntw = flow.FlowConfig(loss_weighting="bsmntw")
+    _, weighted = flow.flow_loss(apply_fn, keys(13, 6), {**batch, "intrinsics": intrinsics}, bsmntw)
+    assert set(seen["lens"]) == {"intrinsics"}
+    np.testing.assert_array_equal(seen["lens"]["intrinsics"], intrinsics)
+    # The same draws (same keys), each example's loss times its bsmntw weight.
+    np.testing.assert_allclose(weighted["per_example"], aux["per_example"] * flow.loss_weight(aux["sigma"], bsmntw),
+                               rtol=1e-6)
+
+
 def test_predicting_the_true_velocity_gives_zero_loss_and_its_negation_four_times_the_zero_loss():
     """Pins the sign of the target: the model must predict ε − x0, not x0 − ε."""
     batch = batch_of(jax.random.key(9))
