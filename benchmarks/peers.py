@@ -53,6 +53,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests import peers  # noqa: E402  (the peers' paths and the official files' loader)
+
 GiB = 2**30
 CAMERA_AND_SELF_ATTENTION = ("cam_encoder", "projector", "self_attn")  # train_recammaster.py's trainable modules
 # Sizes of the `official` comparison: the official block hard-codes a 30×52 token grid (60×104 latents).
@@ -123,8 +125,6 @@ def our_config(size: str, dtype: str, attention: str = "xla"):
 def official_train_step(size: str, dtype: str):
     """The official model, scheduler and optimizer at `size`, and one training step on fixed data."""
     import torch
-
-    from tests import peers
 
     s, v = SIZES[size], {**dict(text_dim=4096, freq_dim=256), **variants()[SIZES[size]["variant"]]}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,8 +254,7 @@ def compare_official(args) -> None:
 
 # --- maxdiffusion: AOT-compiled per-chip memory ---------------------------------------------------------
 
-MAXDIFFUSION_CONFIG = os.path.join(REPO, "..", "shared", "peers", "maxdiffusion", "src", "maxdiffusion", "configs",
-                                   "base_wan_1_3b.yml")
+MAXDIFFUSION_CONFIG = os.path.join(peers.MAXDIFFUSION_SRC, "maxdiffusion", "configs", "base_wan_1_3b.yml")
 
 
 def maxdiffusion_config(batch: int, remat_policy: str):
@@ -435,15 +434,15 @@ def compare_maxdiffusion(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    peers = parser.add_subparsers(dest="peer", required=True)
-    official = peers.add_parser("official", help="the official PyTorch ReCamMaster step, on this machine")
+    subcommands = parser.add_subparsers(dest="peer", required=True)
+    official = subcommands.add_parser("official", help="the official PyTorch ReCamMaster step, on this machine")
     official.add_argument("--size", choices=sorted(SIZES), default="small")
     official.add_argument("--dtype", default="float32", help="parameters and compute of both sides")
     official.add_argument("--warmup", type=int, default=2)
     official.add_argument("--steps", type=int, default=5)
     official.add_argument("--peak_tflops", type=float, default=0.0, help="of the device, for MFU (H200: 989)")
     official.add_argument("--side", choices=("official", "ours"), help=argparse.SUPPRESS)  # a child process
-    maxdiffusion = peers.add_parser("maxdiffusion", help="MaxDiffusion's Wan2.1 step, AOT for a TPU topology")
+    maxdiffusion = subcommands.add_parser("maxdiffusion", help="MaxDiffusion's Wan2.1 step, AOT for a TPU topology")
     maxdiffusion.add_argument("--topology", default="v5p-8")
     maxdiffusion.add_argument("--max_batch", type=int, default=64)
     args = parser.parse_args()

@@ -227,10 +227,9 @@ def _block_grads(q, k_blk, v_blk, kv_start, kv_len, chunk, d_out, lse, delta, dq
         k_c, v_c = _chunk(k_blk, c, chunk), _chunk(v_blk, c, chunk)
         probs = jnp.exp(_logits(q, k_c, kv_start + c * chunk, kv_len) - lse[..., None])
         d_logits = probs * (f32("bqhd,bkhd->bhqk", d_out, v_c) - delta[..., None]) * q.shape[-1] ** -0.5
-        dk = jax.lax.dynamic_update_slice_in_dim(
-            dk, _chunk(dk, c, chunk) + f32("bhqk,bqhd->bkhd", d_logits, q), c * chunk, axis=1)
-        dv = jax.lax.dynamic_update_slice_in_dim(
-            dv, _chunk(dv, c, chunk) + f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
+        # Each chunk of the block's dK, dV is written once, by its own step.
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, f32("bhqk,bqhd->bkhd", d_logits, q), c * chunk, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, f32("bhqk,bqhd->bkhd", probs, d_out), c * chunk, axis=1)
         return dq + f32("bhqk,bkhd->bqhd", d_logits, k_c), dk, dv
 
     zeros = tuple(jnp.zeros(t.shape, jnp.float32) for t in (k_blk, v_blk))
