@@ -6,9 +6,11 @@ with the very poses written to `camera_extrinsics.json` in the Unreal convention
 right, up axes, last row = position in cm, left-handed world: x forward, y right, z up), so the
 videos and the cameras agree the way the real dataset's do.
 
-Every scene has its folder's lens (18, 24, 35 or 50 mm, as MultiCamVideo). With `--varying_focal`
-each camera gets its own lens and some zoom (`focal_curves`: two dolly zooms and a zoom), written to
-`cameras/focal_lengths.json` (data_pipeline/multicam.py), so the lens is an input worth reading.
+Lenses (`--lenses`): by default every scene has its folder's lens (18, 24, 35 or 50 mm, as
+MultiCamVideo). `varying` gives each camera its own lens and some zoom (`focal_curves`: two dolly
+zooms and a zoom); `zoom_rig` puts all ten cameras of a scene on one path, each with its own lens
+from 14 to 100 mm (`zoom_rig_lenses`), so a target differs from its source by the lens alone. Both
+write `cameras/focal_lengths.json` (data_pipeline/multicam.py): the lens is an input worth reading.
 
     python -m data_pipeline.demo_data --out /tmp/multicam_demo --num_scenes 8 --prepare_to /tmp/shards
 
@@ -28,6 +30,8 @@ from recam_jax import storage
 
 FOCAL_FOLDERS = ("f18_aperture10", "f24_aperture5", "f35_aperture2.4", "f50_aperture2.4")
 FOCALS_MM = (18.0, 24.0, 35.0, 50.0)
+ZOOM_RIG_MM = tuple(np.geomspace(14.0, 100.0, 10).round(1))  # a 7x zoom range in ten even steps
+LENSES = ("folder", "varying", "zoom_rig")
 SENSOR_MM = 23.76
 WORDS = "a ball circles over red green blue yellow checkerboard floor filmed by moving cameras".split()
 # Per camera: (yaw at start, yaw swing, height change, radius change) in degrees / cm over the clip.
@@ -74,6 +78,12 @@ def focal_curves(num_frames: int, rng: np.random.Generator) -> dict[int, np.ndar
     return curves
 
 
+def zoom_rig_lenses(num_frames: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """Focal lengths (frames,) per camera of a zoom rig: the ten lenses of ZOOM_RIG_MM, one per camera in a
+    per-scene order (a camera's number says nothing of its lens)."""
+    return {camera: np.full(num_frames, focal) for camera, focal in zip(CAMERAS, rng.permutation(ZOOM_RIG_MM))}
+
+
 def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: float, colours: np.ndarray) -> np.ndarray:
     """One uint8 frame (height, width, 3): rays through the pixels hit the ball or the floor."""
     forward, right, up, position = pose[0, :3], pose[1, :3], pose[2, :3], pose[3, :3]
@@ -93,16 +103,20 @@ def render(pose: np.ndarray, time: float, height: int, width: int, focal_mm: flo
 
 
 def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, width: int, seed: int,
-                varying_focal: bool = False) -> None:
-    """One scene folder: cameras/camera_extrinsics.json, videos/cam01..cam10.mp4 and, with
-    `varying_focal`, cameras/focal_lengths.json."""
+                lenses: str = "folder") -> None:
+    """One scene folder: cameras/camera_extrinsics.json, videos/cam01..cam10.mp4 and, unless `lenses` is
+    "folder" (every camera at `focal_mm`), cameras/focal_lengths.json."""
+    if lenses not in LENSES:
+        raise ValueError(f"lenses={lenses!r}: expected one of {LENSES}")
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     paths = {camera: camera_path(camera, num_frames) for camera in CAMERAS}
+    if lenses == "zoom_rig":  # one path for the whole rig, which of the ten depends on the scene
+        paths = dict.fromkeys(CAMERAS, paths[CAMERAS[seed % len(CAMERAS)]])
     write_extrinsics(storage.join(scene_dir, "cameras", "camera_extrinsics.json"), paths)
     focal = {camera: np.full(num_frames, focal_mm) for camera in CAMERAS}
-    if varying_focal:
-        focal = focal_curves(num_frames, rng)
+    if lenses != "folder":
+        focal = (focal_curves if lenses == "varying" else zoom_rig_lenses)(num_frames, rng)
         write_focal_lengths(storage.join(scene_dir, "cameras", FOCAL_FILE), focal)
     for camera in CAMERAS:
         frames = np.stack([render(paths[camera][k], k / num_frames, height, width, focal[camera][k], colours)
@@ -111,14 +125,14 @@ def write_scene(scene_dir: str, focal_mm: float, num_frames: int, height: int, w
 
 
 def write_dataset(root: str, num_scenes: int, num_frames: int = 81, height: int = 48, width: int = 80,
-                  varying_focal: bool = False) -> str:
+                  lenses: str = "folder") -> str:
     """A MultiCamVideo-shaped dataset under `root`/train plus `root`/captions.csv; returns the CSV path."""
     rows = []
     for i in range(num_scenes):
         scene_id = f"{FOCAL_FOLDERS[i % len(FOCAL_FOLDERS)]}/scene{i + 1}"
         focal = float(scene_id.split("_")[0][1:])
         write_scene(storage.join(root, "train", scene_id), focal, num_frames, height, width, seed=i,
-                    varying_focal=varying_focal)
+                    lenses=lenses)
         if i % 4 != 3:  # every fourth scene has no caption, like scenes a caption file misses
             rows.append({"file_name": scene_id, "text": " ".join(np.random.default_rng(i).choice(WORDS, 8))})
     captions = storage.join(root, "captions.csv")
@@ -149,10 +163,11 @@ def main() -> None:
     parser.add_argument("--num_frames", type=int, default=17)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--varying_focal", action="store_true", help="a lens per camera, dolly zooms and a zoom")
+    parser.add_argument("--lenses", choices=LENSES, default="folder", help="the scene folder's lens for every "
+                        "camera; a lens per camera with dolly zooms and a zoom; or ten lenses on one path")
     parser.add_argument("--prepare_to", help="also encode it into shards here (tiny random VAE and umT5)")
     args = parser.parse_args()
-    print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width, args.varying_focal))
+    print(write_dataset(args.out, args.num_scenes, args.num_frames, args.height, args.width, args.lenses))
     write_tiny_umt5(storage.join(args.out, "tiny_umt5"), WORDS)  # a random text encoder to prepare with
     if args.prepare_to:
         prepare_demo(args.out, args.prepare_to, num_frames=args.num_frames, height=args.height, width=args.width,

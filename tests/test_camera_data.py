@@ -65,10 +65,26 @@ def test_demo_render_zooms_about_the_image_centre():
     assert agree > 0.97 and np.mean(tele == wide) < 0.9
 
 
+def test_a_zoom_rig_films_one_path_with_ten_lenses_in_a_per_scene_order(tmp_path):
+    demo_data.write_dataset(str(tmp_path), 2, FRAMES, HEIGHT, WIDTH, lenses="zoom_rig")
+    split = os.path.join(tmp_path, "train")
+    lenses = []
+    for scene in multicam.find_scenes(split):
+        poses = multicam.read_extrinsics(scene.extrinsics_path, FRAMES)
+        np.testing.assert_array_equal(poses, np.broadcast_to(poses[:1], poses.shape))  # every camera on one path
+        focal = multicam.read_focal_lengths(scene, FRAMES)
+        np.testing.assert_array_equal(focal, np.broadcast_to(focal[:, :1], focal.shape))  # no zoom within a clip
+        assert sorted(focal[:, 0]) == sorted(demo_data.ZOOM_RIG_MM)
+        lenses.append(focal[:, 0])
+    assert not np.array_equal(*lenses)  # the lens order changes with the scene
+    with pytest.raises(ValueError, match="lenses='zoom'"):
+        demo_data.write_scene(str(tmp_path / "x"), 18.0, FRAMES, HEIGHT, WIDTH, seed=0, lenses="zoom")
+
+
 @pytest.fixture(scope="module")
 def varying_focal_shards(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("multicam"))
-    demo_data.write_dataset(root, 2, FRAMES, HEIGHT, WIDTH, varying_focal=True)
+    demo_data.write_dataset(root, 2, FRAMES, HEIGHT, WIDTH, lenses="varying")
     out = os.path.join(root, "out")
     demo_data.prepare_demo(root, out, num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_val_scenes=1, scenes_per_shard=1)
     return root, out
