@@ -6,10 +6,12 @@
 Camera sensitivity: the loss with each example's true camera and with the cameras shuffled across
 the batch (rolled by one, so every example gets another's trajectory), at the same noise and
 timesteps. The gap is what the model gets from the camera: 0 when it ignores it (the camera
-encoder at its zero init), positive once it follows the camera. The trainer logs the three
-numbers at every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap`); a model whose
-camera encoding reads the lens (intrinsics, plucker) also gets the loss with only the lenses
-shuffled and its gap (`eval_loss_shuffled_intrinsics`, `intrinsics_gap`).
+encoder at its zero init), positive once it follows the camera. The trainer logs them at
+every eval (`eval_loss`, `eval_loss_shuffled_cameras`, `camera_gap` and the gap's standard error over
+the examples, `camera_gap_stderr`); a model whose camera encoding reads the lens (intrinsics,
+plucker) also gets the loss with only the lenses shuffled and its gap (`eval_loss_shuffled_intrinsics`,
+`intrinsics_gap`, `intrinsics_gap_stderr`). The CLI weighs the loss over timesteps as the trainer's
+default does (`--loss_weighting bsmntw`), so it prints the eval_loss a run logged for the same weights.
 
 Camera accuracy (`--camera_accuracy`): RotErr and TransErr of a video's camera, estimated by COLMAP,
 against the trajectory it was asked for (recam_jax/camera_accuracy.py); exit status 1 when COLMAP
@@ -40,27 +42,35 @@ def camera_sensitivity(model, batch: dict, flow_cfg: flow.FlowConfig) -> dict[st
     by one, and the gap; for a model whose camera encoding reads the lens, also the loss and gap with
     only the intrinsics rolled (`intrinsics_gap`: what the focal inputs are worth). Means over the
     examples weighted by `eval_weight` (0 for rows that only pad the last batch of an eval pass; all 1
-    when absent), and `eval_examples`, the weights' sum, for `mean_metrics`."""
+    when absent), `eval_examples`, the weights' sum, and each gap's mean square over the examples
+    (`*_gap_sq`), from which `mean_metrics` gives the gap's standard error."""
     weight = batch.get("eval_weight", jnp.ones(len(batch["camera"]), jnp.float32))
     mean = lambda losses: jnp.sum(weight * losses) / jnp.sum(weight)
     rolled = lambda *keys: {**batch, **{key: jnp.roll(batch[key], 1, axis=0) for key in keys}}
-    true = mean(fixed_noise_loss(model, batch, flow_cfg))
-    shuffled = mean(fixed_noise_loss(model, rolled("camera", *(["intrinsics"] if "intrinsics" in batch else [])),
-                                     flow_cfg))
-    metrics = {"eval_loss": true, "eval_loss_shuffled_cameras": shuffled, "camera_gap": shuffled - true,
+    true = fixed_noise_loss(model, batch, flow_cfg)
+    shuffled = fixed_noise_loss(model, rolled("camera", *(["intrinsics"] if "intrinsics" in batch else [])), flow_cfg)
+    metrics = {"eval_loss": mean(true), "eval_loss_shuffled_cameras": mean(shuffled),
+               "camera_gap": mean(shuffled - true), "camera_gap_sq": mean((shuffled - true) ** 2),
                "eval_examples": jnp.sum(weight)}
     if model.cfg.camera_encoding != "official" and "intrinsics" in batch:
-        lens_shuffled = mean(fixed_noise_loss(model, rolled("intrinsics"), flow_cfg))
-        metrics.update(eval_loss_shuffled_intrinsics=lens_shuffled, intrinsics_gap=lens_shuffled - true)
+        lens_shuffled = fixed_noise_loss(model, rolled("intrinsics"), flow_cfg)
+        metrics.update(eval_loss_shuffled_intrinsics=mean(lens_shuffled), intrinsics_gap=mean(lens_shuffled - true),
+                       intrinsics_gap_sq=mean((lens_shuffled - true) ** 2))
     return metrics
 
 
 def mean_metrics(per_batch: list[dict]) -> dict[str, float]:
-    """The mean of each metric over the examples of all batches (batch means weighted by `eval_examples`)."""
+    """The mean of each metric over the examples of all batches (batch means weighted by `eval_examples`);
+    each gap's mean square becomes its standard error over the n examples (`*_gap_stderr`,
+    sqrt((mean(gap²) − mean(gap)²) / (n − 1))): a gap of a few standard errors is more than noise."""
     per_batch = jax.device_get(per_batch)
     counts = np.array([m["eval_examples"] for m in per_batch], np.float64)
-    return {name: float(np.dot(counts, [m[name] for m in per_batch]) / counts.sum())
-            for name in per_batch[0] if name != "eval_examples"}
+    means = {name: float(np.dot(counts, [m[name] for m in per_batch]) / counts.sum())
+             for name in per_batch[0] if name != "eval_examples"}
+    for gap in [name for name in means if name.endswith("_gap")]:
+        variance = max(means.pop(gap + "_sq") - means[gap] ** 2, 0.0)
+        means[gap + "_stderr"] = float(np.sqrt(variance / max(counts.sum() - 1, 1)))
+    return means
 
 
 def evaluate(model, batches, flow_cfg: flow.FlowConfig) -> dict[str, float]:
@@ -82,6 +92,9 @@ def main(argv=None) -> None:
     parser.add_argument("--text_len", type=int, default=512)
     parser.add_argument("--shift", type=float, default=None, help="timestep shift of the training σ grid (default: "
                                                                   "the weights' recorded training shift, else 5)")
+    parser.add_argument("--loss_weighting", choices=flow.LOSS_WEIGHTINGS, default="bsmntw",
+                        help="loss weighting over timesteps: the run's flow.loss_weighting reproduces its logged "
+                             "eval_loss (default: configs/base.py's)")
     parser.add_argument("--timestep_dtype", choices=("float32", "bfloat16"), default=None,
                         help="dtype timesteps are rounded to (default: the one the weights were trained with)")
     parser.add_argument("--num_heads", type=int, default=None, help="DiT heads (default: dim / 128, as Wan)")
@@ -113,7 +126,8 @@ def main(argv=None) -> None:
     model = convert.load_any(args.params, num_heads=args.num_heads, timestep_dtype=timestep_dtype)
     batches = loader.make_eval_iterator(args.data, batch_size=args.batch_size, text_len=args.text_len,
                                         pairs_per_scene=args.pairs_per_scene)
-    metrics = evaluate(model, batches, flow.FlowConfig(shift=sample.sampling_shift(args.shift, args.params)))
+    flow_cfg = flow.FlowConfig(shift=sample.sampling_shift(args.shift, args.params), loss_weighting=args.loss_weighting)
+    metrics = evaluate(model, batches, flow_cfg)
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}")
 

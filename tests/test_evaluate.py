@@ -38,7 +38,22 @@ def test_gap_is_nonzero_when_the_model_reads_the_camera():
     assert not np.allclose(batch["camera"][0], batch["camera"][1])  # shuffling changes what each example sees
     metrics = evaluate.camera_sensitivity(tiny_model(1.0), batch, flow.FlowConfig())
     assert abs(float(metrics["camera_gap"])) > 1e-3
-    np.testing.assert_allclose(metrics["camera_gap"], metrics["eval_loss_shuffled_cameras"] - metrics["eval_loss"])
+    np.testing.assert_allclose(metrics["camera_gap"], metrics["eval_loss_shuffled_cameras"] - metrics["eval_loss"],
+                               atol=1e-6)
+
+
+def test_a_gaps_standard_error_is_that_of_the_per_example_gaps():
+    """The standard error says whether a gap is more than noise: the sample standard deviation of the
+    examples' gaps (each example's loss with another's camera minus with its own) over sqrt(n)."""
+    model, cfg, batch = tiny_model(1.0), flow.FlowConfig(), eval_batch()
+    true = evaluate.fixed_noise_loss(model, batch, cfg)
+    shuffled = evaluate.fixed_noise_loss(model, {**batch, "camera": np.roll(batch["camera"], 1, axis=0)}, cfg)
+    gaps = np.asarray(shuffled - true, np.float64)
+    assert gaps.std() > 1e-3  # the examples' gaps differ: a standard error of 0 would be wrong
+    metrics = evaluate.mean_metrics([evaluate.camera_sensitivity(model, batch, cfg)])
+    assert metrics["camera_gap"] == pytest.approx(gaps.mean(), rel=1e-4)
+    assert metrics["camera_gap_stderr"] == pytest.approx(gaps.std(ddof=1) / np.sqrt(len(gaps)), rel=1e-3)
+    assert "camera_gap_sq" not in metrics
 
 
 def test_cli_prints_the_gap_over_prepared_shards_with_the_weights_shift_and_timestep_dtype(tmp_path, capsys):
@@ -51,20 +66,21 @@ def test_cli_prints_the_gap_over_prepared_shards_with_the_weights_shift_and_time
     capsys.readouterr()  # not prepare's report
     evaluate.main(["--params", params, "--num_heads", "4", "--data", shards, "--batch_size", "4", "--text_len", "16"])
     printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
-    assert set(printed) == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap"}
+    assert set(printed) == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap", "camera_gap_stderr"}
     values = {k: float(v) for k, v in printed.items()}
     assert np.isfinite(values["eval_loss"]) and abs(values["camera_gap"]) > 1e-3
     # Printed to 6 significant digits: the difference of two printed losses is good to about 1e-5.
     assert values["camera_gap"] == pytest.approx(values["eval_loss_shuffled_cameras"] - values["eval_loss"], abs=2e-5)
 
-    def eval_loss(timestep_dtype, shift):
+    def eval_loss(timestep_dtype, shift, loss_weighting="bsmntw"):  # the trainer's default weighting
         model = convert.load_any(params, timestep_dtype=timestep_dtype)
         batches = loader.make_eval_iterator(shards, batch_size=4, text_len=16)
-        return evaluate.evaluate(model, batches, flow.FlowConfig(shift=shift))["eval_loss"]
+        return evaluate.evaluate(model, batches, flow.FlowConfig(shift=shift, loss_weighting=loss_weighting))["eval_loss"]
 
     assert values["eval_loss"] == pytest.approx(eval_loss("bfloat16", 3.0), rel=1e-5)
     assert values["eval_loss"] != pytest.approx(eval_loss("float32", 3.0), rel=1e-5)
     assert values["eval_loss"] != pytest.approx(eval_loss("bfloat16", 5.0), rel=1e-5)
+    assert values["eval_loss"] != pytest.approx(eval_loss("bfloat16", 3.0, "none"), rel=1e-5)
 
 
 def test_eval_loss_is_the_mean_over_examples_whatever_the_batching():
@@ -76,5 +92,6 @@ def test_eval_loss_is_the_mean_over_examples_whatever_the_batching():
     whole = evaluate.mean_metrics([evaluate.camera_sensitivity(model, batch, cfg)])
     batched = evaluate.mean_metrics([evaluate.camera_sensitivity(model, rows([0, 1, 2], [1, 1, 1]), cfg),
                                      evaluate.camera_sensitivity(model, rows([3, 1, 2], [1, 0, 0]), cfg)])
-    assert batched.keys() == whole.keys() == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap"}
+    assert batched.keys() == whole.keys() == {"eval_loss", "eval_loss_shuffled_cameras", "camera_gap",
+                                              "camera_gap_stderr"}
     assert batched["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-4)
