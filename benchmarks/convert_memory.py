@@ -5,8 +5,8 @@
 Writes a random bf16 ReCamMaster `.ckpt` (a few hundred MB) and the same weights as an orbax folder
 saved from a scanned model (blocks stacked on a `layers` axis), then runs each conversion in its own
 subprocess and prints a table: the input and output sizes, the process's RSS after its imports, its
-peak RSS (VmHWM: the mapped input counts once it is read), the peak above the imports as a
-multiple of the larger of the two files, and the subprocess's wall time (imports included);
+peak RSS (VmHWM: pages of the mapped input count while the process holds them), the peak above the
+imports as a multiple of the larger of the two files, and the subprocess's wall time (imports included);
 with `--repeat N` each conversion runs N times and the table gives the range (threads make the
 peaks vary by a few tens of MB).
 `--code DIR` runs the conversions with another checkout's `recam_jax` (e.g. an older commit from

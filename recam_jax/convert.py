@@ -713,9 +713,10 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     """Any supported format to any other, one tensor at a time, keeping each tensor's dtype (unless
     `dtype`) and carrying the model record over.
 
-    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
-    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are
-    loaded (and cast) up to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
+    PyTorch → PyTorch holds about one tensor (each is copied out of the mapped input and its pages
+    handed back, `torch_io._MappedFile`); from orbax the params are read one tensor at a time, a
+    block's row of a stacked array alone (`orbax_tensors`); to orbax they are loaded (and cast) up
+    to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:
