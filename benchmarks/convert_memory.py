@@ -1,16 +1,17 @@
 """Peak host memory of `python -m recam_jax.convert`, per conversion direction, on a generated checkpoint.
 
-    nice -n 10 python benchmarks/convert_memory.py [--dim 1024 --layers 8] [--code DIR]
+    nice -n 10 python benchmarks/convert_memory.py [--dim 1024 --layers 8] [--code DIR] [--only orbax]
 
 Writes a random bf16 ReCamMaster `.ckpt` (a few hundred MB) and the same weights as an orbax folder
 saved from a scanned model (blocks stacked on a `layers` axis), then runs each conversion in its own
 subprocess and prints a table: the input and output sizes, the process's RSS after its imports, its
-peak RSS (VmHWM: the mapped input counts once it is read), the peak above the imports as a
-multiple of the larger of the two files, and the subprocess's wall time (imports included);
+peak RSS (VmHWM: pages of the mapped input count while the process holds them), the peak above the
+imports as a multiple of the larger of the two files, and the subprocess's wall time (imports included);
 with `--repeat N` each conversion runs N times and the table gives the range (threads make the
 peaks vary by a few tens of MB).
 `--code DIR` runs the conversions with another checkout's `recam_jax` (e.g. an older commit from
-`git worktree add`) on the same files, for a before/after.
+`git worktree add`) on the same files, for a before/after. `--only WORD` runs the conversions whose
+name holds WORD (and the ones before them whose output they read).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--code", default=REPO, help="checkout whose recam_jax converts (default: this one)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each conversion (the table gives the range)")
+    parser.add_argument("--only", default="", help="run only the conversions whose name holds this")
     args = parser.parse_args()
     heads = ["--num-heads", str(args.dim // 128)]  # spelled as every version of the CLI accepts it
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +122,14 @@ def main() -> None:
         print(f"recam_jax from {args.code}; DiT dim {args.dim}, {args.layers} layers, bf16 input")
         print("| conversion | input MB | output MB | RSS after imports MB | peak RSS MB | (peak − imports) / larger file | wall s |")
         print("|---|---|---|---|---|---|---|")
-        for name, source, target, flags in steps:
+        wanted = [step for step in steps if args.only in step[0]]
+        needed = {source for _, source, _, _ in wanted}
+        for step in steps:
+            name, source, target, flags = step
+            if step not in wanted:
+                if target in needed:  # the input of a wanted conversion
+                    run(args.code, [source, target, *heads, *flags])
+                continue
             runs = []
             for _ in range(args.repeat):
                 shutil.rmtree(target, ignore_errors=True)  # each run writes a new folder (files are overwritten)

@@ -559,14 +559,32 @@ def diffusers_config(cfg: DiTConfig) -> dict:
 
 
 def save_orbax(model: WanDiT, path: str, shift: float | None = None) -> None:
-    """Params as an orbax checkpoint plus the model record next to them."""
+    """Params as an orbax checkpoint plus the model record next to them; a scanned model's block
+    weights, stacked on a leading `layers` axis, are stored one block per chunk (`_one_block_per_chunk`)."""
     import orbax.checkpoint as ocp
 
     path = storage.absolute(path)
+    params = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(storage.join(path, "params"), nnx.state(model, nnx.Param))
+        checkpointer.save(storage.join(path, "params"), params, save_args=_one_block_per_chunk(params))
     if jax.process_index() == 0:
         _write_record(model_record(model.cfg, shift), storage.join(path, RECORD_FILE))
+
+
+def _one_block_per_chunk(params: nnx.State):
+    """orbax's save args of each param: the stacked block weights of a scanned model (under "blocks",
+    their leading axis the layers) split into chunks of one block each, other params as orbax chooses.
+
+    tensorstore decodes whole chunks: stacked weights saved from one device in one chunk each made
+    every block's row read (`orbax_tensors`) decode all the blocks, and a scanned folder convert 3×
+    slower than a per-block one (benchmarks/RESULTS.md). `shard_axes` is orbax's axis to split first;
+    with no chunk byte size it splits it down to 1. A per-block model has no stacked weights."""
+    import orbax.checkpoint as ocp
+
+    def args(path, value):
+        stacked = path[0].key == "blocks" and not isinstance(path[1].key, int)  # ("blocks", n, ...): per block
+        return ocp.SaveArgs(shard_axes=(0,) if stacked and np.ndim(value) else ())
+    return jax.tree_util.tree_map_with_path(args, params)
 
 
 def _orbax_record(path: str) -> dict:
@@ -620,14 +638,11 @@ def _restore_orbax(path: str, cfg: DiTConfig, on_host: bool) -> WanDiT:
     return with_block_layout(model, cfg.scan_layers)
 
 
-def _stored_array_reader(params_dir: str):
-    """`read(path, index)`: the slice `index` of the param at a Flax path of an orbax folder, as a numpy
-    array in its stored dtype, read alone.
+def _stored_arrays(params_dir: str):
+    """`open(path)`: the tensorstore array of the param at a Flax path of an orbax folder (nothing read).
 
     orbax restores whole arrays; its storage layer, tensorstore, reads a slice, and orbax builds the
-    tensorstore spec of each array. tensorstore reads and decodes the chunks that hold the slice: an
-    array saved from one device is one chunk, so each block's row of a stacked weight decodes the
-    whole stacked weight once more, and memory holds one stacked weight at a time instead of them all."""
+    tensorstore spec of each array."""
     import orbax.checkpoint as ocp
     import tensorstore as ts
     from etils import epath
@@ -637,13 +652,24 @@ def _stored_array_reader(params_dir: str):
     ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
     context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)  # one for all reads: OCDBT caches shared
 
-    def read(path: tuple, index: tuple = ()) -> np.ndarray:
+    def open_array(path: tuple):
         info = ocp.type_handlers.ParamInfo(name=names[path], parent_dir=directory, is_ocdbt_checkpoint=ocdbt,
                                            use_zarr3=saved.use_zarr3, ts_context=context)
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
-        return ts.open(spec, context=context).result()[index].read().result()
+        return ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt), context=context).result()
 
-    return read
+    return open_array
+
+
+def _stored_array_reader(params_dir: str):
+    """`read(path, index)`: the slice `index` of the param at a Flax path of an orbax folder, as a numpy
+    array in its stored dtype, read alone.
+
+    tensorstore reads and decodes the chunks that hold the slice: `save_orbax` stores a block of
+    stacked weights per chunk, so a block's row is read by itself; in folders written before (each
+    array from one device one chunk) each row decodes the whole stacked weight once more. Memory
+    holds one stacked weight at most instead of them all."""
+    open_array = _stored_arrays(params_dir)
+    return lambda path, index=(): open_array(path)[index].read().result()
 
 
 def orbax_tensors(path: str, cfg: DiTConfig) -> dict[str, LazyTensor]:
@@ -687,9 +713,10 @@ def convert(source: str, target: str, num_heads: int | None = None, dtype=None) 
     """Any supported format to any other, one tensor at a time, keeping each tensor's dtype (unless
     `dtype`) and carrying the model record over.
 
-    PyTorch → PyTorch holds one tensor besides the mapped input; from orbax the params are read one
-    tensor at a time, a block's row of a stacked array alone (`orbax_tensors`); to orbax they are
-    loaded (and cast) up to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
+    PyTorch → PyTorch holds about one tensor (each is copied out of the mapped input and its pages
+    handed back, `torch_io._MappedFile`); from orbax the params are read one tensor at a time, a
+    block's row of a stacked array alone (`orbax_tensors`); to orbax they are loaded (and cast) up
+    to 64 MB at a time, each batch written before the next (`_save_orbax_tensors`)."""
     if _is_torch_path(source):
         cfg, tensors, record = open_pytorch(source, num_heads=num_heads)
     else:

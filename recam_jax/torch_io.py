@@ -3,9 +3,10 @@
 Every converter (DiT, VAE) goes through this module so that they share one set of guarantees:
 - a pickle (`.ckpt`, `.pth`) is read with `torch.load(weights_only=True)`: a checkpoint from the
   internet can never execute code here; anything beyond tensors is refused with a clear error;
-- tensors are read lazily (safetensors `safe_open`, `torch.load(mmap=True)`) and written one at a
-  time (`save_state_dict` takes `LazyTensor`s: shapes and dtypes first, bytes when written), so a
-  file-to-file conversion holds one tensor at a time besides the mapped input;
+- tensors are read lazily (safetensors `safe_open`, `torch.load(mmap=True)` map the file) and
+  written one at a time (`save_state_dict` takes `LazyTensor`s: shapes and dtypes first, bytes when
+  written); a tensor read is copied out of the mapping and the mapping's pages handed back
+  (`_MappedFile`), so a file-to-file conversion holds about one tensor at a time, not the input;
 - a missing or unexpected key or a wrong shape raises `CheckpointError` listing all of them, before
   anything is written.
 """
@@ -13,9 +14,11 @@ Every converter (DiT, VAE) goes through this module so that they share one set o
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import io
 import json
+import mmap
 import os
 import pickle
 import sys
@@ -111,28 +114,72 @@ class LazyStateDict(Mapping):
         return LazyTensor(self.shapes[key], self.dtypes[key], lambda: self[key])
 
 
+class _MappedFile:
+    """Where this process maps a weight file (Linux: /proc/self/maps), to copy tensors out of it and
+    hand their pages back.
+
+    A file mapped by safetensors or `torch.load(mmap=True)` keeps every page read resident in the
+    process (it counts in its RSS) until the mapping is closed, at the end: a conversion would hold
+    the whole input besides what it writes. `copy` copies a tensor out and drops its pages from the
+    mapping (`madvise(MADV_DONTNEED)`: the pages are clean copies of the file, read again from it if
+    touched again). Only addresses inside the file's own mappings are released, never other
+    memory; elsewhere than Linux nothing is released."""
+
+    def __init__(self, path: str):
+        path, self.ranges = os.path.realpath(path), []
+        try:
+            with open("/proc/self/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines:  # "lo-hi perms offset dev inode path"
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == path:
+                self.ranges.append(tuple(int(a, 16) for a in fields[0].split("-")))
+
+    def copy(self, tensor) -> np.ndarray:
+        """The tensor as a numpy array of its own, its storage's pages handed back."""
+        array = np.array(tensor_to_numpy(tensor))
+        storage = tensor.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        page = mmap.PAGESIZE
+        for lo, hi in self.ranges:  # mappings start and end on page boundaries
+            first, last = max(lo, start - start % page), min(hi, end + (-end % page))
+            if first < last:
+                _madvise(first, last - first, mmap.MADV_DONTNEED)
+        return array
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise({address:#x}, {length})")
+
+
 def _open_safetensors_files(path: str, files: list[str]) -> LazyStateDict:
     from safetensors import safe_open
 
-    shapes, dtypes, owner, metadata = {}, {}, {}, {}  # per tensor: shape, dtype, the open file holding it
+    shapes, dtypes, owner, metadata = {}, {}, {}, {}  # per tensor: shape, dtype, (open file, its mapping)
     for file in files:
         try:
-            handle = safe_open(storage.local_copy_until_exit(file), framework="pt")  # safetensors maps local files
+            local = storage.local_copy_until_exit(file)
+            handle = safe_open(local, framework="pt")  # safetensors maps local files
+            mapped = _MappedFile(local)
             names = list(handle.keys())
             metadata.update(handle.metadata() or {})
             for name in names:
                 tensor_slice = handle.get_slice(name)
                 shapes[name] = tuple(tensor_slice.get_shape())
                 dtypes[name] = np.dtype(SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
-                owner[name] = handle
+                owner[name] = handle, mapped
             # Touch the last tensor: a truncated file fails here, not halfway through a conversion.
             if names:
-                handle.get_slice(names[-1])[...]
+                mapped.copy(handle.get_tensor(names[-1]))
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-    return LazyStateDict(path, shapes, dtypes, lambda key: tensor_to_numpy(owner[key].get_tensor(key)), metadata)
+    return LazyStateDict(path, shapes, dtypes, lambda key: owner[key][1].copy(owner[key][0].get_tensor(key)), metadata)
 
 
 def _open_safetensors_index(index_path: str) -> LazyStateDict:
@@ -151,7 +198,8 @@ def _open_safetensors_index(index_path: str) -> LazyStateDict:
 def _open_pickle(path: str) -> LazyStateDict:
     torch = _torch()
     try:
-        loaded = torch.load(storage.local_copy_until_exit(path), map_location="cpu", weights_only=True, mmap=True)
+        local = storage.local_copy_until_exit(path)
+        loaded = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: the pickle holds more than tensors, and loading it could run "
@@ -167,7 +215,8 @@ def _open_pickle(path: str) -> LazyStateDict:
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     shapes = {k: tuple(v.shape) for k, v in loaded.items()}
     dtypes = {k: tensor_to_numpy(v[:0] if v.ndim else v).dtype for k, v in loaded.items()}
-    return LazyStateDict(path, shapes, dtypes, lambda key: tensor_to_numpy(loaded[key]))
+    mapped = _MappedFile(local)
+    return LazyStateDict(path, shapes, dtypes, lambda key: mapped.copy(loaded[key]))
 
 
 def open_state_dict(path: str) -> LazyStateDict:

@@ -3,7 +3,8 @@ bucket; a two-process job (one model sharded over the 8 devices of both processe
 loading its own rows) trains from them with its workdir and compilation cache in the bucket,
 evaluates, checkpoints and exports there; a second job is SIGKILLed, resumes bit-identically from the
 bucket, and its exported .ckpt is read back from there by the converter. (That two-process jobs equal
-one process, this layout included, is test_multihost.py's.)"""
+one process, this layout included, is test_multihost.py's.) The converter writes and reads orbax
+folders in the bucket."""
 
 import json
 import os
@@ -18,8 +19,9 @@ from flax import nnx
 
 from configs import demo
 from data_pipeline import demo_data, shards
-from recam_jax import convert, storage, train
+from recam_jax import convert, storage, torch_io, train
 from tests.conftest import REPO
+from tests.test_convert import trained_tiny_model
 from tests.test_multihost import launch_two_processes, start_two_processes, wait_for_success
 
 STEPS = 8
@@ -83,3 +85,23 @@ def test_two_process_job_on_a_bucket_trains_survives_sigkill_and_exports_there(g
     for got, want in zip(jax.tree.leaves(nnx.state(exported(killed, config))),
                          jax.tree.leaves(nnx.state(exported(straight, config))), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("saved_scanned", [True, False])
+def test_conversion_into_and_out_of_an_orbax_folder_in_a_bucket_is_bit_exact(gcs_bucket, tmp_path, saved_scanned):
+    """Written a batch of tensors at a time (`convert._lazy_tensor_handler`) and read a tensor at a
+    time (`convert._stored_array_reader`, a block's row where they are stacked) through tensorstore's
+    GCS driver, not through a local copy."""
+    model = trained_tiny_model()
+    source, back = str(tmp_path / "in.safetensors"), str(tmp_path / "back.safetensors")
+    convert.save_pytorch(model, source)
+    folder = f"{gcs_bucket}/convert_{tmp_path.name}"  # a folder per test
+    if saved_scanned:  # blocks stacked on a `layers` axis, as `save_orbax` writes a scanned model
+        convert.save_orbax(model, f"{folder}/orbax")
+    else:
+        convert.main([source, f"{folder}/orbax"])
+    assert storage.listdir(f"{folder}/orbax") and not os.path.exists(os.path.join(REPO, "gs:"))
+    convert.main([f"{folder}/orbax", back])
+    want, got = torch_io.open_state_dict(source), torch_io.open_state_dict(back)
+    assert list(got) == list(want)
+    assert all(got.dtypes[k] == want.dtypes[k] and np.array_equal(got[k], want[k]) for k in want)

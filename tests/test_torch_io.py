@@ -2,6 +2,7 @@
 themselves, and each refusal naming the file (seconds)."""
 
 import json
+import os
 import warnings
 import re
 
@@ -194,3 +195,31 @@ def test_a_lazy_view_of_a_file_tensor_knows_its_shape_and_dtype_and_reads_it(tmp
     lazy = torch_io.open_state_dict(str(tmp_path / "w.safetensors")).lazy("w")
     assert lazy.shape == (3, 2) and lazy.dtype == np.float16
     np.testing.assert_array_equal(lazy.load(), array)
+
+
+def resident_bytes_of(path) -> int:
+    """Bytes of `path`'s mappings resident in this process (Linux /proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if not fields[0].endswith(":"):  # a mapping's header: "lo-hi perms offset dev inode [path]"
+                current = len(fields) == 6 and fields[5].strip() == str(path)
+            elif current and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_tensors_read_leave_the_mapped_file_out_of_memory(tmp_path, suffix):
+    # A mapped input's pages once read stay in the process until the end unless handed back: a
+    # conversion would hold the whole input besides what it writes (benchmarks/convert_memory.py).
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal(2**18, np.float32) for i in range(8)}  # 8 MB
+    path = tmp_path / f"w{suffix}"
+    torch_io.save_state_dict(tensors, str(path))
+    opened = torch_io.open_state_dict(str(path))
+    assert_same(dict(opened), tensors)  # every tensor read, each an array of its own
+    assert resident_bytes_of(path) < 2**20
+    assert_same(dict(opened), tensors)  # read again from the file
