@@ -533,3 +533,30 @@ def test_names_of_neither_layout_are_refused_naming_what_each_layout_needs():
                                                        r"weight' \(Wan/ReCamMaster layout\) nor 'condition_embedder\."
                                                        r"time_proj\.weight' \(diffusers layout\)$"):
         convert.detect_layout({"encoder.conv1.weight": (2, 2)})
+
+
+def test_weights_of_no_official_size_without_a_record_are_refused_showing_their_size():
+    expected = ("checkpoint: the number of attention heads is not in the weights, and they have no model record "
+                "('recam_jax' in a .safetensors header, FILE.recam_jax.json beside a file, recam_jax.json in a folder). "
+                "Their size (dim=64, ffn_dim=128, num_layers=2, in_dim=16, out_dim=16, text_dim=32, freq_dim=32, "
+                "patch_size=(1, 2, 2)) is no official Wan2.1 size (1.3B, 14B): pass the head count, --num_heads N "
+                "(recam_jax.convert, recam_jax.sample) or num_heads=N.")
+    with pytest.raises(torch_io.CheckpointError, match=f"^{re.escape(expected)}$"):
+        convert.infer_config(TINY_SHAPES)
+
+
+def test_a_size_none_of_whose_tensors_is_present_is_refused_naming_it():
+    shapes = {k: v for k, v in TINY_SHAPES.items() if k != "text_embedding.0.weight"}
+    with pytest.raises(torch_io.CheckpointError, match=r"^m: cannot read text_dim from the tensor shapes: none of its "
+                                                       r"tensors is present$"):
+        convert.infer_config(shapes, num_heads=4, source="m")
+
+
+def test_the_model_size_needs_a_5d_patch_embedding_and_blocks_and_skips_tensors_of_too_few_axes():
+    without_blocks = {k: v for k, v in TINY_SHAPES.items() if not k.startswith("blocks.")}
+    with pytest.raises(torch_io.CheckpointError, match=r"^m: cannot read the model size: expected a 5-d 'patch_embedding\."
+                                                       r"weight' and 'blocks\.N\.\*' tensors, found patch_embedding\.weight "
+                                                       r"\(64, 16, 1, 2, 2\), 0 blocks$"):
+        convert.infer_config(without_blocks, num_heads=4, source="m")
+    # A 1-d tensor where a 2-d one reads a size on its axis 1: outvoted (the shape check reports it).
+    assert convert.infer_config({**TINY_SHAPES, "text_embedding.2.weight": (64,)}, num_heads=4) == dit_config("tiny")
