@@ -128,12 +128,12 @@ def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
 
 
 def detect_layout(names) -> str:
-    """'diffusers', 'recammaster' or 'wan' from the tensor names."""
+    """'diffusers', or 'recammaster' for the official names (Wan's, camera modules or not), from the tensor names."""
     names = set(names)
     if "condition_embedder.time_proj.weight" in names:
         return "diffusers"
     if "time_projection.1.weight" in names:
-        return "recammaster" if "blocks.0.cam_encoder.weight" in names else "wan"
+        return "recammaster"
     raise CheckpointError(
         "not a Wan2.1 DiT checkpoint: found neither 'time_projection.1.weight' (Wan/ReCamMaster layout) nor "
         "'condition_embedder.time_proj.weight' (diffusers layout)")

@@ -381,3 +381,194 @@ def test_a_scanned_model_is_saved_one_block_per_chunk(tmp_path):
         chunk = open_array(path).chunk_layout.read_chunk.shape
         assert chunk == ((1, *array.shape[1:]) if path[0] == "blocks" else array.shape), path
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "m"), dtype="float32"))
+
+
+# --- Model records and the config read off the shapes: pure functions, no model built (each test
+# kills mutants of the mutation run in docs/testing.md) -------------------------------------------
+
+TINY_SHAPES = diffsynth_recammaster_shapes(64, 128, 32, 32, 2)
+
+
+def tiny_record(**dit):
+    return convert.model_record(dit_config("tiny", **dit), shift=5.0)
+
+
+def test_a_record_parses_with_the_defaults_of_older_records_and_drops_run_choices():
+    record = tiny_record()
+    dit = {k: v for k, v in record["dit"].items() if k != "camera_encoding"}
+    text = json.dumps({"dit": {**dit, "dtype": "bfloat16"}, "flow_shift": 3.0})  # before encodings and timestep dtypes
+    assert convert._parse_record(text, "old.json") == {
+        "dit": {**dit, "camera_encoding": "official", "patch_size": (1, 2, 2)}, "flow_shift": 3.0, "timestep_dtype": None}
+    plucker = tiny_record(camera_encoding="plucker", timestep_dtype="bfloat16")
+    parsed = convert._parse_record(json.dumps(plucker), "new.json")
+    assert parsed["dit"]["camera_encoding"] == "plucker" and parsed["timestep_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"flow_shift": 1.0}), json.dumps({"dit": [1, 2]}),
+                                  json.dumps({"dit": {"dim": 64}, "flow_shift": 1.0}),
+                                  json.dumps({"dit": convert.model_record(dit_config("tiny"))["dit"]})])
+def test_a_bad_record_is_refused_naming_its_source(text):
+    with pytest.raises(torch_io.CheckpointError, match=r"^weights/m\.json: not a recam_jax model record \(missing or bad"):
+        convert._parse_record(text, "weights/m.json")
+
+
+def test_the_trained_timestep_dtype_defaults_by_the_age_of_the_record():
+    assert convert.trained_timestep_dtype(None) == "bfloat16"  # official releases
+    assert convert.trained_timestep_dtype({"timestep_dtype": None}) == "float32"  # recam_jax before the field
+    assert convert.trained_timestep_dtype({"timestep_dtype": "bfloat16"}) == "bfloat16"
+
+
+def test_check_record_lists_every_contradiction_but_official_weights_fit_any_encoding():
+    record = convert._parse_record(json.dumps(tiny_record()), "m.json")
+    convert.check_record(dit_config("tiny"), record, "m.ckpt")
+    convert.check_record(dit_config("tiny", dtype="float32", scan_layers=False), record, "m.ckpt")  # run choices
+    convert.check_record(dit_config("tiny", camera_encoding="plucker"), record, "m.ckpt")
+    convert.check_record(dit_config("tiny", num_heads=2), None, "m.ckpt")
+    plucker = convert._parse_record(json.dumps(tiny_record(camera_encoding="plucker")), "m.json")
+    with pytest.raises(torch_io.CheckpointError,
+                       match=r"^m\.ckpt: the weights were saved as a different model; camera_encoding: the record "
+                             r"says plucker, the config official$"):
+        convert.check_record(dit_config("tiny"), plucker, "m.ckpt", other="the config")
+    with pytest.raises(torch_io.CheckpointError, match=r"different model; num_heads: the record says 4, asked for 2; "
+                                                       r"patch_size: the record says \(1, 2, 2\), asked for \(1, 1, 1\)$"):
+        convert.check_record(dit_config("tiny", num_heads=2, patch_size=(1, 1, 1)), record, "m.ckpt")
+
+
+def diffusers_shapes(shapes, cfg):
+    return {w.diffusers: shapes[w.wan] for w in convert.weight_table(cfg) if w.wan in shapes}
+
+
+def test_infer_config_reads_both_layouts_the_record_and_the_overrides():
+    tiny = dit_config("tiny")
+    assert convert.detect_layout(TINY_SHAPES) == "recammaster"
+    assert convert.infer_config(TINY_SHAPES, num_heads=4) == tiny
+    assert convert.infer_config(diffusers_shapes(TINY_SHAPES, tiny), num_heads=4) == tiny
+    record = convert._parse_record(json.dumps(tiny_record(num_heads=8)), "m.json")
+    assert convert.infer_config(TINY_SHAPES, record=record) == dit_config("tiny", num_heads=8)
+    assert convert.infer_config(TINY_SHAPES, record=record, dtype="float32", scan_layers=False) == dit_config(
+        "tiny", num_heads=8, dtype="float32", scan_layers=False)
+    with pytest.raises(torch_io.CheckpointError, match=r"^checkpoint: dim 64 does not split into 5 heads$"):
+        convert.infer_config(TINY_SHAPES, num_heads=5)
+    with pytest.raises(torch_io.CheckpointError, match=r"^m\.ckpt: cannot read the model size"):
+        convert.infer_config({"time_projection.1.weight": (384, 64)}, source="m.ckpt")
+    with pytest.raises(torch_io.CheckpointError, match=r"^m\.ckpt: .*num_heads: the record says 8, asked for 2$"):
+        convert.infer_config(TINY_SHAPES, num_heads=2, record=record, source="m.ckpt")
+    with pytest.raises(torch_io.CheckpointError, match=r"^m\.ckpt: .*ffn_dim: the record says 256, the tensor shapes say 128"):
+        convert.infer_config(TINY_SHAPES, record=convert._parse_record(json.dumps(tiny_record(ffn_dim=256)), "r"),
+                             source="m.ckpt")
+
+
+@pytest.mark.parametrize("encoding", ["intrinsics", "plucker"])
+def test_infer_config_finds_the_camera_encoding_in_either_layout(encoding):
+    cfg = dit_config("tiny", camera_encoding=encoding)
+    module, width = convert.camera_encoding.EXTRA_MODULES[encoding]
+    shapes = {**TINY_SHAPES, **{f"blocks.{i}.{module}.weight": (64, width) for i in range(2)},
+              **{f"blocks.{i}.{module}.bias": (64,) for i in range(2)}}
+    assert convert.infer_config(shapes, num_heads=4) == cfg
+    assert convert.infer_config(diffusers_shapes(shapes, cfg), num_heads=4) == cfg
+
+
+def test_read_model_record_beside_a_file_in_a_header_in_a_folder_and_from_legacy_folders(tmp_path):
+    record = tiny_record(camera_encoding="plucker")
+    parsed = convert._parse_record(json.dumps(record), "r")
+    ckpt = str(tmp_path / "m.ckpt")
+    with open(ckpt, "wb") as f:
+        f.write(b"not a pickle")  # only the record is read, never the weights
+    assert convert.read_model_record(ckpt) is None
+    with open(ckpt + convert.RECORD_SUFFIX, "w") as f:
+        f.write("{")
+    with pytest.raises(torch_io.CheckpointError, match=r"^\S*m\.ckpt\.recam_jax\.json: not a recam_jax"):
+        convert.read_model_record(ckpt)
+    with open(ckpt + convert.RECORD_SUFFIX, "w") as f:
+        json.dump(record, f)
+    assert convert.read_model_record(ckpt) == parsed
+    header = str(tmp_path / "m.safetensors")
+    torch_io.save_state_dict({"x": np.zeros(1, np.float32)}, header, {convert.RECORD_KEY: json.dumps(record)})
+    assert convert.read_model_record(header) == parsed
+    torch_io.save_state_dict({"x": np.zeros(1, np.float32)}, header, {convert.RECORD_KEY: "{"})
+    with pytest.raises(torch_io.CheckpointError, match=r"m\.safetensors \(header metadata 'recam_jax'\): not a recam_jax"):
+        convert.read_model_record(header)
+    folder = tmp_path / "params"
+    folder.mkdir()
+    assert convert.read_model_record(str(folder)) is None
+    (folder / convert.LEGACY_CONFIG_FILE).write_text(json.dumps({"dim": 64}))
+    with pytest.raises(torch_io.CheckpointError, match=r"^\S*params/dit_config\.json: not a recam_jax"):
+        convert.read_model_record(str(folder))
+    (folder / convert.LEGACY_CONFIG_FILE).write_text(json.dumps({**record["dit"], "camera_encoding": "official"}))
+    legacy = convert.read_model_record(str(folder) + "/")
+    assert legacy == {"dit": {**parsed["dit"], "camera_encoding": "official"}, "flow_shift": None, "timestep_dtype": None}
+    (folder / convert.RECORD_FILE).write_text(json.dumps(record))  # the record wins over the legacy file
+    assert convert.read_model_record(str(folder)) == parsed
+
+
+def test_diffusers_names_and_shapes_are_those_of_diffusers_own_model():
+    """Our diffusers layout against a tiny `WanTransformer3DModel` built from our `diffusers_config`:
+    every name and shape (the values' layouts are checked by tests/test_dit.py's forward passes)."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dit_config("tiny", camera=False)
+    config = convert.diffusers_config(cfg)
+    assert config.pop("_class_name") == "WanTransformer3DModel"
+    reference = WanTransformer3DModel(**config)
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    assert convert.detect_layout(state) == "diffusers"
+    assert convert.infer_config({k: v.shape for k, v in state.items()}, num_heads=4, camera=False) == cfg
+    tensors = convert.pytorch_tensors(state, cfg)  # refuses any missing, unexpected or wrong-shaped name
+    assert set(tensors) == {w.wan for w in convert.weight_table(cfg)}
+    for w in convert.weight_table(cfg):
+        np.testing.assert_array_equal(tensors[w.wan].load(), state[w.diffusers])
+
+
+def test_the_diffusers_config_is_the_released_one():
+    """transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, less the fields diffusers defaults."""
+    released = {"_class_name": "WanTransformer3DModel", "attention_head_dim": 128, "cross_attn_norm": True,
+                "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12,
+                "num_layers": 30, "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+                "text_dim": 4096}
+    assert convert.diffusers_config(dit_config("1.3B")) == released
+
+
+def test_a_tie_is_refused_naming_each_blocks_own_tensor_in_either_layout():
+    """Block 1's three ffn tensors say 256, block 0's 128: a tie, each reading under its block's own name."""
+    shapes = {**TINY_SHAPES, "blocks.1.ffn.0.weight": (256, 64), "blocks.1.ffn.0.bias": (256,),
+              "blocks.1.ffn.2.weight": (64, 256)}
+    with pytest.raises(torch_io.CheckpointError, match=r"^m: the tensors disagree on ffn_dim: blocks\.0\.ffn\.0\.weight says "
+                                                       r"128, .*blocks\.1\.ffn\.0\.weight says 256, "):
+        convert.infer_config(shapes, num_heads=4, source="m")
+    with pytest.raises(torch_io.CheckpointError, match=r"blocks\.0\.ffn\.net\.0\.proj\.weight says 128, .*"
+                                                       r"blocks\.1\.ffn\.net\.0\.proj\.weight says 256, "):
+        convert.infer_config(diffusers_shapes(shapes, dit_config("tiny")), num_heads=4)
+
+
+def test_names_of_neither_layout_are_refused_naming_what_each_layout_needs():
+    with pytest.raises(torch_io.CheckpointError, match=r"^not a Wan2\.1 DiT checkpoint: found neither 'time_projection\.1\."
+                                                       r"weight' \(Wan/ReCamMaster layout\) nor 'condition_embedder\."
+                                                       r"time_proj\.weight' \(diffusers layout\)$"):
+        convert.detect_layout({"encoder.conv1.weight": (2, 2)})
+
+
+def test_weights_of_no_official_size_without_a_record_are_refused_showing_their_size():
+    expected = ("checkpoint: the number of attention heads is not in the weights, and they have no model record "
+                "('recam_jax' in a .safetensors header, FILE.recam_jax.json beside a file, recam_jax.json in a folder). "
+                "Their size (dim=64, ffn_dim=128, num_layers=2, in_dim=16, out_dim=16, text_dim=32, freq_dim=32, "
+                "patch_size=(1, 2, 2)) is no official Wan2.1 size (1.3B, 14B): pass the head count, --num_heads N "
+                "(recam_jax.convert, recam_jax.sample) or num_heads=N.")
+    with pytest.raises(torch_io.CheckpointError, match=f"^{re.escape(expected)}$"):
+        convert.infer_config(TINY_SHAPES)
+
+
+def test_a_size_none_of_whose_tensors_is_present_is_refused_naming_it():
+    shapes = {k: v for k, v in TINY_SHAPES.items() if k != "text_embedding.0.weight"}
+    with pytest.raises(torch_io.CheckpointError, match=r"^m: cannot read text_dim from the tensor shapes: none of its "
+                                                       r"tensors is present$"):
+        convert.infer_config(shapes, num_heads=4, source="m")
+
+
+def test_the_model_size_needs_a_5d_patch_embedding_and_blocks_and_skips_tensors_of_too_few_axes():
+    without_blocks = {k: v for k, v in TINY_SHAPES.items() if not k.startswith("blocks.")}
+    with pytest.raises(torch_io.CheckpointError, match=r"^m: cannot read the model size: expected a 5-d 'patch_embedding\."
+                                                       r"weight' and 'blocks\.N\.\*' tensors, found patch_embedding\.weight "
+                                                       r"\(64, 16, 1, 2, 2\), 0 blocks$"):
+        convert.infer_config(without_blocks, num_heads=4, source="m")
+    # A 1-d tensor where a 2-d one reads a size on its axis 1: outvoted (the shape check reports it).
+    assert convert.infer_config({**TINY_SHAPES, "text_embedding.2.weight": (64,)}, num_heads=4) == dit_config("tiny")
