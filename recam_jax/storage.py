@@ -221,6 +221,24 @@ def local_copy_until_exit(path) -> str:
     return _download(path, folder)
 
 
+def mapped_ranges(local_path: str) -> list[tuple[int, int]]:
+    """The address ranges [lo, hi) at which this process maps the local file `local_path`
+    (Linux: /proc/self/maps); empty where that is not known."""
+    local_path = os.path.realpath(local_path)
+    try:
+        with builtins.open("/proc/self/maps") as f:  # fsspec reads it as empty (size 0)
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:  # "lo-hi perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == local_path:
+            lo, hi = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
 def _download(path, folder: str) -> str:
     fs, inner = _fs(path)
     local = os.path.join(folder, basename(path))

@@ -126,16 +126,7 @@ class _MappedFile:
     memory; elsewhere than Linux nothing is released."""
 
     def __init__(self, path: str):
-        path, self.ranges = os.path.realpath(path), []
-        try:
-            with open("/proc/self/maps") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return
-        for line in lines:  # "lo-hi perms offset dev inode path"
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5] == path:
-                self.ranges.append(tuple(int(a, 16) for a in fields[0].split("-")))
+        self.ranges = storage.mapped_ranges(path)
 
     def copy(self, tensor) -> np.ndarray:
         """The tensor as a numpy array of its own, its storage's pages handed back."""

@@ -123,3 +123,22 @@ def test_a_local_folder_for_local_only_libraries(tmp_path):
     with pytest.raises(ValueError, match="gs://bucket/colmap: must be a local folder"):
         with storage.local_folder("gs://bucket/colmap"):
             pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="mappings are listed in Linux's /proc/self/maps")
+def test_mapped_ranges_are_a_files_own_mappings_also_through_a_link(tmp_path):
+    # torch_io hands back the pages of these ranges only: a wrong range would drop other memory,
+    # an empty one (the file read as empty) would keep the whole input resident.
+    import mmap
+
+    (tmp_path / "weights").write_bytes(bytes(3 * mmap.PAGESIZE))
+    (tmp_path / "link").symlink_to(tmp_path / "weights")
+    (tmp_path / "other").write_bytes(bytes(mmap.PAGESIZE))
+    with open(tmp_path / "weights", "rb") as f, open(tmp_path / "other", "rb") as g:
+        weights = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        other = mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ)
+        weights_at = np.frombuffer(weights, np.uint8).ctypes.data
+        other_at = np.frombuffer(other, np.uint8).ctypes.data
+        assert storage.mapped_ranges(str(tmp_path / "link")) == [(weights_at, weights_at + 3 * mmap.PAGESIZE)]
+        assert storage.mapped_ranges(str(tmp_path / "other")) == [(other_at, other_at + mmap.PAGESIZE)]
+        assert storage.mapped_ranges(str(tmp_path / "missing")) == []
