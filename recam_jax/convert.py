@@ -653,8 +653,7 @@ def _stored_arrays(params_dir: str):
     context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)  # one for all reads: OCDBT caches shared
 
     def open_array(path: tuple):
-        info = ocp.type_handlers.ParamInfo(name=names[path], parent_dir=directory, is_ocdbt_checkpoint=ocdbt,
-                                           use_zarr3=saved.use_zarr3, ts_context=context)
+        info = ocp.type_handlers.ParamInfo(name=names[path], parent_dir=directory, use_zarr3=saved.use_zarr3)
         return ts.open(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt), context=context).result()
 
     return open_array
@@ -765,8 +764,7 @@ def _lazy_tensor_handler():
     import tensorstore as ts
 
     class LazyTensorHandler(ocp.type_handlers.NumpyHandler):
-        async def serialize(self, values, infos, args=None):
-            args = args or [ocp.SaveArgs()] * len(values)
+        async def serialize(self, values, infos, args):  # orbax's tree handler gives each value its SaveArgs
             context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}},  # orbax's, less the cache
                                  ocp.type_handlers.get_ts_context(use_ocdbt=False))
             for info in infos:

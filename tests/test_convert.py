@@ -6,6 +6,7 @@ import os
 import re
 import weakref
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -261,6 +262,21 @@ def test_orbax_folders_are_written_a_batch_of_tensors_at_a_time(tmp_path, monkey
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
 
 
+
+def test_orbax_folders_are_written_in_small_data_files(tmp_path, monkeypatch):
+    """OCDBT holds each data file being written in memory: a conversion into orbax writes files of
+    about `ORBAX_DATA_FILE_BYTES` (orbax's default put a whole batch of tensors in one file)."""
+    model = trained_tiny_model()
+    monkeypatch.setattr(convert, "ORBAX_DATA_FILE_BYTES", 64 * 64 * 4)  # the tensors weigh 629 kB
+    state = convert.export_weights(model)
+    convert._save_orbax_tensors({k: torch_io.LazyTensor.of(v) for k, v in state.items()}, model.cfg,
+                                str(tmp_path / "params"), shift=None)
+    data_files = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "params") if root.endswith("/d")
+                  for f in files]
+    largest_tensor = max(array.nbytes for array in state.values())
+    assert len(data_files) > 10 and max(map(os.path.getsize, data_files)) <= 2 * largest_tensor
+    assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
+
 def test_batches_are_consecutive_and_within_the_budget_but_for_a_larger_size_alone():
     assert convert._batches([3, 3, 5, 1, 1], 6) == [[0, 1], [2, 3], [4]]
     assert convert._batches([1, 10, 1], 6) == [[0], [1], [2]]
@@ -295,6 +311,8 @@ def test_wrong_shape_and_unexpected_keys_are_listed():
     message = str(err.value)
     assert "bad.ckpt" in message and "blocks.0.extra.weight" in message
     assert re.search(r"blocks\.0\.ffn\.0\.weight: expected \(128, 64\), found \(129, 64\)", message)
+    with pytest.raises(torch_io.CheckpointError, match="^checkpoint: the weights do not match"):  # no source named
+        convert.import_weights(state, dit_config("tiny"))
 
 
 @pytest.mark.parametrize("name,shape", [("patch_embedding.weight", (65, 16, 1, 2, 2)), ("blocks.0.ffn.0.weight", (129, 64))])
@@ -382,6 +400,53 @@ def test_a_scanned_model_is_saved_one_block_per_chunk(tmp_path):
         assert chunk == ((1, *array.shape[1:]) if path[0] == "blocks" else array.shape), path
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "m"), dtype="float32"))
 
+
+
+def test_weights_go_to_the_device_unless_kept_on_host(tmp_path):
+    """`on_host` is how the trainer loads a model too large for one device (it places the numpy weights
+    shard by shard): in memory and from orbax it must give numpy arrays, and device arrays without it."""
+    model = trained_tiny_model()
+    state = convert.export_weights(model)
+    convert.save_orbax(model, str(tmp_path / "params"))
+    convert.save_pytorch(model, str(tmp_path / "m.ckpt"))
+    loads = {"import_weights": lambda **kw: convert.import_weights(state, model.cfg, **kw),
+             "load_orbax": lambda **kw: convert.load_orbax(str(tmp_path / "params"), dtype="float32", **kw),
+             "load_any orbax": lambda **kw: convert.load_any(str(tmp_path / "params"), dtype="float32", **kw),
+             "load_any .ckpt": lambda **kw: convert.load_any(str(tmp_path / "m.ckpt"), dtype="float32", **kw)}
+    for name, load in loads.items():
+        on_device, on_host = load(), load(on_host=True)
+        assert {type(v[...]) for _, v in nnx.state(on_host, nnx.Param).flat_state()} == {np.ndarray}, name
+        assert all(isinstance(v[...], jax.Array) for _, v in nnx.state(on_device, nnx.Param).flat_state()), name
+        assert_bit_exact(model, on_device)
+        assert_bit_exact(model, on_host)
+
+
+def test_export_weights_casts_to_the_dtype_asked_for():
+    model = trained_tiny_model()
+    as_stored, bf16 = convert.export_weights(model), convert.export_weights(model, dtype="bfloat16")
+    assert {v.dtype for v in bf16.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    assert all(np.array_equal(bf16[k], v.astype(ml_dtypes.bfloat16)) for k, v in as_stored.items())
+
+
+def test_an_orbax_folder_records_the_shift_and_refuses_a_config_contradicting_it(tmp_path):
+    path = str(tmp_path / "params")
+    convert.save_orbax(trained_tiny_model(), path, shift=3.0)
+    assert convert.read_model_record(path)["flow_shift"] == 3.0
+    with pytest.raises(torch_io.CheckpointError, match=re.escape(path) + ".*num_heads: the record says 4, asked for 2"):
+        convert.load_any(path, cfg=dit_config("tiny", num_heads=2))
+
+
+def test_an_orbax_folder_of_zarr3_arrays_converts_too(tmp_path):
+    """Newer orbax writes zarr3 arrays by default: the tensor reader takes the format from the folder."""
+    import orbax.checkpoint as ocp
+
+    model, folder = trained_tiny_model(), str(tmp_path / "params_orbax")
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as checkpointer:
+        checkpointer.save(os.path.join(folder, "params"), args=ocp.args.PyTreeSave(nnx.state(model, nnx.Param)))
+    convert._write_record(convert.model_record(model.cfg), os.path.join(folder, convert.RECORD_FILE))
+    assert convert._saved_tree(os.path.join(folder, "params")).use_zarr3
+    convert.convert(folder, str(tmp_path / "m.ckpt"))
+    assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "m.ckpt"), dtype="float32"))
 
 # --- Model records and the config read off the shapes: pure functions, no model built (each test
 # kills mutants of the mutation run in docs/testing.md) -------------------------------------------
