@@ -18,10 +18,11 @@ from recam_jax import convert, torch_io
 from recam_jax.models.dit import dit_config
 
 
-def trained_tiny_model(seed=0, variant="tiny", scan_layers=True):
+def trained_tiny_model(seed=0, variant="tiny", scan_layers=True, **config):
     """A model whose every tensor is random with its own key: blocks differ from each other and camera
     weights and biases are far from their init, so a swapped or dropped tensor cannot go unseen."""
-    model = convert.abstract_model(dit_config(variant, dtype="float32", scan_layers=scan_layers))  # eager init is slow
+    cfg = dit_config(variant, dtype="float32", scan_layers=scan_layers, **config)
+    model = convert.abstract_model(cfg)  # eager init is slow
     state = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(seed)
     for _, variable in state.flat_state():
@@ -143,6 +144,29 @@ def test_sharded_release_folder_loads_and_converts(tmp_path):
     assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32"))
 
 
+
+def test_pytorch_folders_and_index_files_are_told_from_orbax_folders(tmp_path):
+    model = trained_tiny_model()
+    folder = str(tmp_path / "Wan2.1-T2V-tiny")
+    write_wan_release_folder(model, folder)
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    assert_bit_exact(model, convert.load_any(index, num_heads=4, dtype="float32"))  # the index itself
+    single = tmp_path / "single"
+    single.mkdir()
+    torch_io.save_state_dict(convert.export_weights(model), str(single / "model.safetensors"))
+    assert_bit_exact(model, convert.load_any(str(single), num_heads=4, dtype="float32"))  # one file, no index
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(folder, name))
+    with pytest.raises(torch_io.CheckpointError, match="shard files listed in the index are missing"):
+        convert.load_any(folder, num_heads=4)  # an index whose shards are lost: named, not "no params folder"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(torch_io.CheckpointError) as err:
+        convert.load_any(str(tmp_path / "empty"))
+    assert str(err.value) == (
+        f"{tmp_path / 'empty'}: not a recam_jax params folder (no recam_jax.json) nor a PyTorch checkpoint "
+        "(no .safetensors, *.safetensors.index.json or .ckpt/.pth/.pt/.bin)")
+
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_exports_reload_as_the_same_model_without_flags(tmp_path, variant):
     """dim / 128 heads was a guess: tiny (64) and small (256) have 4 heads, not 1 and 2."""
@@ -174,8 +198,12 @@ def test_a_config_contradicting_the_record_is_refused(tmp_path):
     convert.save_pytorch(trained_tiny_model(), path)
     with pytest.raises(torch_io.CheckpointError, match=r"m\.ckpt.*num_heads: the record says 4, asked for 2"):
         convert.load_pytorch(path, num_heads=2)
-    with pytest.raises(torch_io.CheckpointError, match="num_heads: the record says 4, asked for 2"):
+    with pytest.raises(torch_io.CheckpointError, match=r"m\.ckpt.*num_heads: the record says 4, asked for 2"):
         convert.load_any(path, cfg=dit_config("tiny", num_heads=2))
+    state = {**convert.export_weights(trained_tiny_model()), "blocks.0.extra.weight": np.zeros(1, np.float32)}
+    torch_io.save_state_dict(state, str(tmp_path / "extra.ckpt"))  # no record: only the tensors can disagree
+    with pytest.raises(torch_io.CheckpointError, match=r"extra\.ckpt: the weights do not match(.|\n)*blocks\.0\.extra"):
+        convert.load_any(str(tmp_path / "extra.ckpt"), cfg=dit_config("tiny"))
 
 
 def test_conversion_keeps_the_input_dtype(tmp_path):
@@ -227,6 +255,16 @@ def test_orbax_folders_convert_one_tensor_at_a_time(tmp_path, monkeypatch, saved
     per_block = convert.with_block_layout(model, scan_layers=False)
     assert sorted(read_shapes) == sorted(array.shape for array in params_of(per_block).values())
     assert_bit_exact(per_block, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32", scan_layers=False))
+
+
+def test_a_one_block_model_saved_per_block_is_read_as_saved(tmp_path):
+    """A folder's layout is told by its entries: per block ("blocks", 0, ...) or stacked ("blocks", ...)."""
+    for scan_layers in (False, True):
+        model = trained_tiny_model(scan_layers=scan_layers, num_layers=1)
+        folder = str(tmp_path / f"scanned_{scan_layers}")
+        convert.save_orbax(model, folder)
+        assert convert._is_scanned(convert.stored_param_shapes(os.path.join(folder, "params"))) == scan_layers
+        assert_bit_exact(model, convert.load_orbax(folder, dtype="float32", scan_layers=scan_layers))
 
 
 def test_a_scanned_orbax_folder_converts_to_the_same_file_as_a_per_block_one(tmp_path):
@@ -412,6 +450,7 @@ def test_weights_go_to_the_device_unless_kept_on_host(tmp_path):
     loads = {"import_weights": lambda **kw: convert.import_weights(state, model.cfg, **kw),
              "load_orbax": lambda **kw: convert.load_orbax(str(tmp_path / "params"), dtype="float32", **kw),
              "load_any orbax": lambda **kw: convert.load_any(str(tmp_path / "params"), dtype="float32", **kw),
+             "load_pytorch": lambda **kw: convert.load_pytorch(str(tmp_path / "m.ckpt"), dtype="float32", **kw),
              "load_any .ckpt": lambda **kw: convert.load_any(str(tmp_path / "m.ckpt"), dtype="float32", **kw)}
     for name, load in loads.items():
         on_device, on_host = load(), load(on_host=True)
@@ -447,6 +486,22 @@ def test_an_orbax_folder_of_zarr3_arrays_converts_too(tmp_path):
     assert convert._saved_tree(os.path.join(folder, "params")).use_zarr3
     convert.convert(folder, str(tmp_path / "m.ckpt"))
     assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "m.ckpt"), dtype="float32"))
+
+
+def test_the_command_line_shows_the_module_doc_and_each_arguments_help_and_names_what_it_wrote(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])
+    usage = capsys.readouterr().out
+    assert convert.__doc__.strip() in usage  # the layouts' list and the usage line as written, not re-flowed
+    for help_line in (r"^  input +\S.{10,}$", r"^  output +\S.{10,}$", r"--num-heads NUM_HEADS\n {24}\S.{10,}$",
+                      r"^  --dtype DTYPE +\S.{10,}$"):
+        assert re.search(help_line, usage, re.M), help_line
+    path, out = str(tmp_path / "m.ckpt"), str(tmp_path / "params")
+    convert.save_pytorch(trained_tiny_model(), path)
+    convert.main([path, out, "--num-heads", "4"])
+    assert capsys.readouterr().out == f"wrote {out}\n"
 
 # --- Model records and the config read off the shapes: pure functions, no model built (each test
 # kills mutants of the mutation run in docs/testing.md) -------------------------------------------
