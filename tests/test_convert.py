@@ -400,6 +400,26 @@ class NotATensor:
         return (print, ("this must never run",))
 
 
+def test_an_output_folder_named_diffusers_is_written_as_a_diffusers_model(tmp_path):
+    model = trained_tiny_model()
+    path, out = str(tmp_path / "m.ckpt"), str(tmp_path / "transformer_diffusers")
+    convert.save_pytorch(model, path)
+    convert.main([path, out])
+    assert sorted(os.listdir(out)) == sorted(["config.json", convert.DIFFUSERS_WEIGHTS, convert.RECORD_FILE])
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f) == convert.diffusers_config(model.cfg)
+    assert convert.detect_layout(torch_io.open_state_dict(out).shapes) == "diffusers"
+    assert_bit_exact(model, convert.load_any(out, dtype="float32"))
+
+
+def test_the_ckpt_layout_refuses_a_non_official_encoding_naming_the_formats_that_keep_it(tmp_path):
+    path = str(tmp_path / "m.ckpt")
+    with pytest.raises(ValueError, match=re.escape(path) + r": .*no place for the camera_encoding='plucker' modules.*"
+                                         r"\.safetensors file, a diffusers folder or a recam_jax params folder"):
+        convert.save_pytorch(trained_tiny_model(camera_encoding="plucker"), path)
+    assert not os.listdir(tmp_path)
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     path = str(tmp_path / "evil.ckpt")
     torch.save({"patch_embedding.weight": torch.zeros(1), "payload": NotATensor()}, path)
@@ -458,6 +478,8 @@ def test_weights_go_to_the_device_unless_kept_on_host(tmp_path):
         assert all(isinstance(v[...], jax.Array) for _, v in nnx.state(on_device, nnx.Param).flat_state()), name
         assert_bit_exact(model, on_device)
         assert_bit_exact(model, on_host)
+        exported = convert.export_weights(on_host)  # numpy weights export as they are
+        assert all(np.array_equal(exported[k], v) for k, v in state.items()), name
 
 
 def test_export_weights_casts_to_the_dtype_asked_for():
