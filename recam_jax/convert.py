@@ -169,7 +169,6 @@ def trained_timestep_dtype(record: dict | None) -> str:
 
 
 def _record_location(path: str) -> str:
-    path = path.rstrip("/")
     return storage.join(path, RECORD_FILE) if storage.isdir(path) or _is_diffusers_dir(path) else path + RECORD_SUFFIX
 
 
@@ -393,8 +392,7 @@ def with_block_layout(model: WanDiT, scan_layers: bool) -> WanDiT:
     return target
 
 
-def pytorch_tensors(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str = "checkpoint",
-                    ) -> dict[str, LazyTensor]:
+def pytorch_tensors(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig, source: str) -> dict[str, LazyTensor]:
     """The checkpoint's tensors (any layout) by official name, in PyTorch layout, checked against `cfg`
     (every missing, unexpected or wrong-shaped tensor is listed); a camera module absent from the
     checkpoint (in every block) comes at its official or zero init, in the checkpoint's dtype."""

@@ -104,6 +104,9 @@ class LazyStateDict(Mapping):
             raise KeyError(f"{key!r} is not in {self.path}")
         return self._read(key)
 
+    def __contains__(self, key) -> bool:  # Mapping's would read the tensor
+        return key in self.shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 

@@ -217,6 +217,8 @@ def test_conversion_keeps_the_input_dtype(tmp_path):
     assert all(np.array_equal(out[k], v) for k, v in torch_io.open_state_dict(path).items())
     convert.main([path, str(tmp_path / "fp32.ckpt"), "--dtype", "float32"])
     assert {v.dtype for v in torch.load(str(tmp_path / "fp32.ckpt"), weights_only=True).values()} == {torch.float32}
+    loaded = convert.load_any(path, dtype="float32")  # loading casts to the model's parameter dtype
+    assert {v[...].dtype for _, v in nnx.state(loaded, nnx.Param).flat_state()} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.parametrize("saved_scanned", [True, False])
@@ -339,6 +341,31 @@ def test_missing_block_lists_every_missing_key_and_writes_nothing(tmp_path):
     with pytest.raises(torch_io.CheckpointError, match=r"missing \(2\).*blocks\.1\.ffn\.0\.bias.*blocks\.1\.self_attn\.q\.weight"):
         convert.import_weights(state, dit_config("tiny"), source="broken.ckpt")
 
+
+@pytest.mark.parametrize("held", ["cam_encoder", "projector"])
+def test_recammasters_two_camera_modules_come_together(held):
+    """A checkpoint with one of them lost the other: refused, not completed with the other at its init."""
+    dropped = {"cam_encoder": "projector", "projector": "cam_encoder"}[held]
+    state = {k: v for k, v in convert.export_weights(trained_tiny_model()).items() if f".{dropped}." not in k}
+    with pytest.raises(torch_io.CheckpointError, match=rf"part\.ckpt(.|\n)*missing \(4\): blocks\.0\.{dropped}\.bias"):
+        convert.import_weights(state, dit_config("tiny"), source="part.ckpt")
+
+
+def test_opening_a_checkpoint_reads_no_tensor_until_it_is_loaded(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.safetensors")
+    convert.save_pytorch(trained_tiny_model(), path)
+    open_state_dict, reads = torch_io.open_state_dict, []
+
+    def counting_reads(*args):
+        state_dict = open_state_dict(*args)
+        read = state_dict._read
+        state_dict._read = lambda key: reads.append(key) or read(key)
+        return state_dict
+    monkeypatch.setattr(torch_io, "open_state_dict", counting_reads)
+    _, tensors, _ = convert.open_pytorch(path)
+    assert reads == []
+    tensors["blocks.1.projector.weight"].load()
+    assert reads == ["blocks.1.projector.weight"]
 
 def test_wrong_shape_and_unexpected_keys_are_listed():
     state = convert.export_weights(trained_tiny_model())
@@ -655,7 +682,7 @@ def test_diffusers_names_and_shapes_are_those_of_diffusers_own_model():
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
     assert convert.detect_layout(state) == "diffusers"
     assert convert.infer_config({k: v.shape for k, v in state.items()}, num_heads=4, camera=False) == cfg
-    tensors = convert.pytorch_tensors(state, cfg)  # refuses any missing, unexpected or wrong-shaped name
+    tensors = convert.pytorch_tensors(state, cfg, "diffusers")  # refuses any missing, unexpected or wrong-shaped name
     assert set(tensors) == {w.wan for w in convert.weight_table(cfg)}
     for w in convert.weight_table(cfg):
         np.testing.assert_array_equal(tensors[w.wan].load(), state[w.diffusers])
