@@ -119,6 +119,13 @@ def test_plain_wan_weights_get_camera_modules_at_official_init(tmp_path):
         np.testing.assert_array_equal(block_param(restored, n, "cam_encoder", "bias"), 0)
         np.testing.assert_array_equal(block_param(restored, n, "projector", "kernel"), np.eye(64))
         np.testing.assert_array_equal(block_param(restored, n, "projector", "bias"), 0)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+    torch_io.save_state_dict(bf16, str(tmp_path / "wan_bf16.safetensors"))
+    convert.main([str(tmp_path / "wan_bf16.safetensors"), str(tmp_path / "out.safetensors"), "--num_heads", "4"])
+    out = torch_io.open_state_dict(str(tmp_path / "out.safetensors"))  # streamed: the added modules too
+    assert set(out.dtypes.values()) == {np.dtype(ml_dtypes.bfloat16)}  # in the checkpoint's dtype
+    assert out.shapes["blocks.1.cam_encoder.weight"] == out["blocks.1.cam_encoder.weight"].shape == (64, 12)
+    np.testing.assert_array_equal(out["blocks.1.projector.weight"], np.eye(64, dtype=ml_dtypes.bfloat16))
 
 
 def write_wan_release_folder(model, folder):
