@@ -358,6 +358,13 @@ def test_recammasters_two_camera_modules_come_together(held):
         convert.import_weights(state, dit_config("tiny"), source="part.ckpt")
 
 
+@pytest.mark.parametrize("encoding", ["intrinsics", "plucker"])
+def test_an_encodings_module_is_imported_beside_recammasters_two(encoding):
+    model = trained_tiny_model(camera_encoding=encoding)
+    assert_bit_exact(model, convert.import_weights(convert.export_weights(model), model.cfg, source="m.safetensors"))
+    with pytest.raises(ValueError, match="unknown layout 'wan'"):
+        convert.export_weights(model, layout="wan")
+
 def test_opening_a_checkpoint_reads_no_tensor_until_it_is_loaded(tmp_path, monkeypatch):
     path = str(tmp_path / "m.safetensors")
     convert.save_pytorch(trained_tiny_model(), path)
