@@ -1,7 +1,9 @@
 """Weight files without a model: every dtype through both formats, read back by torch and safetensors
 themselves, and each refusal naming the file (seconds)."""
 
+import errno
 import json
+import mmap
 import os
 import warnings
 import re
@@ -195,6 +197,20 @@ def test_a_lazy_view_of_a_file_tensor_knows_its_shape_and_dtype_and_reads_it(tmp
     lazy = torch_io.open_state_dict(str(tmp_path / "w.safetensors")).lazy("w")
     assert lazy.shape == (3, 2) and lazy.dtype == np.float16
     np.testing.assert_array_equal(lazy.load(), array)
+
+
+def test_membership_is_read_off_the_header(tmp_path):
+    torch_io.save_state_dict({"w": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
+    opened = torch_io.open_state_dict(str(tmp_path / "w.safetensors"))
+    opened._read = None  # a read would fail
+    assert "w" in opened and "v" not in opened
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="madvise(MADV_DONTNEED) is Linux's")
+def test_a_refused_page_release_is_an_error_with_its_errno_and_address():
+    with pytest.raises(OSError) as err:
+        torch_io._madvise(1, 4096, mmap.MADV_DONTNEED)  # not page-aligned: EINVAL
+    assert err.value.errno == errno.EINVAL and err.value.strerror == "madvise(0x1, 4096)"
 
 
 def resident_bytes_of(path) -> int:
