@@ -151,7 +151,6 @@ def test_sharded_release_folder_loads_and_converts(tmp_path):
     assert_bit_exact(model, convert.load_pytorch(str(tmp_path / "out.ckpt"), dtype="float32"))
 
 
-
 def test_pytorch_folders_and_index_files_are_told_from_orbax_folders(tmp_path):
     model = trained_tiny_model()
     folder = str(tmp_path / "Wan2.1-T2V-tiny")
@@ -173,6 +172,7 @@ def test_pytorch_folders_and_index_files_are_told_from_orbax_folders(tmp_path):
     assert str(err.value) == (
         f"{tmp_path / 'empty'}: not a recam_jax params folder (no recam_jax.json) nor a PyTorch checkpoint "
         "(no .safetensors, *.safetensors.index.json or .ckpt/.pth/.pt/.bin)")
+
 
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_exports_reload_as_the_same_model_without_flags(tmp_path, variant):
@@ -225,7 +225,7 @@ def test_conversion_keeps_the_input_dtype(tmp_path):
     convert.main([path, str(tmp_path / "fp32.ckpt"), "--dtype", "float32"])
     assert {v.dtype for v in torch.load(str(tmp_path / "fp32.ckpt"), weights_only=True).values()} == {torch.float32}
     loaded = convert.load_any(path, dtype="float32")  # loading casts to the model's parameter dtype
-    assert {v[...].dtype for _, v in nnx.state(loaded, nnx.Param).flat_state()} == {jnp.dtype(jnp.float32)}
+    assert {array.dtype for array in params_of(loaded).values()} == {np.dtype(np.float32)}
 
 
 @pytest.mark.parametrize("saved_scanned", [True, False])
@@ -309,7 +309,6 @@ def test_orbax_folders_are_written_a_batch_of_tensors_at_a_time(tmp_path, monkey
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
 
 
-
 def test_orbax_folders_are_written_in_small_data_files(tmp_path, monkeypatch):
     """OCDBT holds each data file being written in memory: a conversion into orbax writes files of
     about `ORBAX_DATA_FILE_BYTES` (orbax's default put a whole batch of tensors in one file)."""
@@ -323,6 +322,7 @@ def test_orbax_folders_are_written_in_small_data_files(tmp_path, monkeypatch):
     largest_tensor = max(array.nbytes for array in state.values())
     assert len(data_files) > 10 and max(map(os.path.getsize, data_files)) <= 2 * largest_tensor
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "params"), dtype="float32"))
+
 
 def test_batches_are_consecutive_and_within_the_budget_but_for_a_larger_size_alone():
     assert convert._batches([3, 3, 5, 1, 1], 6) == [[0, 1], [2, 3], [4]]
@@ -365,6 +365,7 @@ def test_an_encodings_module_is_imported_beside_recammasters_two(encoding):
     with pytest.raises(ValueError, match="unknown layout 'wan'"):
         convert.export_weights(model, layout="wan")
 
+
 def test_opening_a_checkpoint_reads_no_tensor_until_it_is_loaded(tmp_path, monkeypatch):
     path = str(tmp_path / "m.safetensors")
     convert.save_pytorch(trained_tiny_model(), path)
@@ -380,6 +381,7 @@ def test_opening_a_checkpoint_reads_no_tensor_until_it_is_loaded(tmp_path, monke
     assert reads == []
     tensors["blocks.1.projector.weight"].load()
     assert reads == ["blocks.1.projector.weight"]
+
 
 def test_wrong_shape_and_unexpected_keys_are_listed():
     state = convert.export_weights(trained_tiny_model())
@@ -500,7 +502,6 @@ def test_a_scanned_model_is_saved_one_block_per_chunk(tmp_path):
     assert_bit_exact(model, convert.load_orbax(str(tmp_path / "m"), dtype="float32"))
 
 
-
 def test_weights_go_to_the_device_unless_kept_on_host(tmp_path):
     """`on_host` is how the trainer loads a model too large for one device (it places the numpy weights
     shard by shard): in memory and from orbax it must give numpy arrays, and device arrays without it."""
@@ -538,6 +539,13 @@ def test_an_orbax_folder_records_the_shift_and_refuses_a_config_contradicting_it
         convert.load_any(path, cfg=dit_config("tiny", num_heads=2))
 
 
+def test_the_dit_holds_no_variable_but_its_params():
+    """The converter reads and writes `nnx.state(model, nnx.Param)`: nothing else may hold weights."""
+    for encoding in ("official", "intrinsics", "plucker"):
+        model = convert.abstract_model(dit_config("tiny", camera_encoding=encoding))
+        assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(model, nnx.Param)), encoding
+
+
 def test_an_orbax_folder_of_zarr3_arrays_converts_too(tmp_path):
     """Newer orbax writes zarr3 arrays by default: the tensor reader takes the format from the folder."""
     import orbax.checkpoint as ocp
@@ -566,6 +574,7 @@ def test_the_command_line_shows_the_module_doc_and_each_arguments_help_and_names
     convert.main([path, out, "--num-heads", "4"])
     assert capsys.readouterr().out == f"wrote {out}\n"
 
+
 # --- Model records and the config read off the shapes: pure functions, no model built (each test
 # kills mutants of the mutation run in docs/testing.md) -------------------------------------------
 
@@ -590,6 +599,8 @@ def test_a_record_parses_with_the_defaults_of_older_records_and_drops_run_choice
 @pytest.mark.parametrize("text", ["{not json", json.dumps({"flow_shift": 1.0}), json.dumps({"dit": [1, 2]}),
                                   json.dumps({"dit": {"dim": 64}, "flow_shift": 1.0}),
                                   json.dumps({"dit": convert.model_record(dit_config("tiny"))["dit"]})])
+
+
 def test_a_bad_record_is_refused_naming_its_source(text):
     with pytest.raises(torch_io.CheckpointError, match=r"^weights/m\.json: not a recam_jax model record \(missing or bad"):
         convert._parse_record(text, "weights/m.json")
